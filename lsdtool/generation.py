@@ -1,0 +1,50 @@
+"""Batched sample generation and its output records, shared by ``lsd sample`` and ``compare``."""
+
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+import torch
+
+from lsdtool.samplers import Sampler, sample
+
+FORMATS = ("text", "jsonl", "tokens")
+
+
+def pick_device(name: str | None) -> torch.device:
+    """``auto`` (or None) is CUDA when present, else CPU."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def batches(model, sampler: Sampler, indices: list[int], seed: int, batch_size: int,
+            device: torch.device, on_step=None) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (global indices, tokens (b, L) on CPU) batch by batch; output does not depend on batch_size."""
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        index = torch.tensor(chunk, dtype=torch.long, device=device)
+        x = sample(model, sampler, index, seed, callback=on_step)
+        yield chunk, x.cpu()
+
+
+def record(model, index: int, tokens: torch.Tensor, fmt: str, extra: dict | None = None) -> str:
+    """One sample as a line of the chosen format (without the trailing newline)."""
+    ids = [int(v) for v in tokens.tolist()]
+    if fmt == "tokens":
+        return " ".join(map(str, ids))
+    text = model.decode(ids) if model.has_tokenizer else None
+    if fmt == "text":
+        if text is None:
+            return " ".join(map(str, ids))
+        return text.replace("\\", "\\\\").replace("\n", "\\n")  # one sample per line
+    obj = {"index": index, "tokens": ids}
+    if text is not None:
+        obj["text"] = text
+    if extra:
+        obj.update(extra)
+    return json.dumps(obj, separators=(",", ":"))

@@ -1,0 +1,47 @@
+"""Model adapters and the registry: ``load(name_or_path)`` returns a :class:`DiffusionModel`."""
+
+from __future__ import annotations
+
+import os
+
+from lsdtool.errors import LsdError
+from lsdtool.models.base import DiffusionModel
+
+# Short names users type -> Hugging Face hub ids ("countdown" is embedded and needs no download).
+REGISTRY: dict[str, str | None] = {
+    "countdown": None,
+    "sedd-small": "louaaron/sedd-small",
+    "sedd-medium": "louaaron/sedd-medium",
+    "radd-lambda-dce": "JingyangOu/radd-lambda-dce",
+    "radd-t-dce": "JingyangOu/radd-t-dce",
+    "mdlm-owt": "kuleshov-group/mdlm-owt",
+}
+
+
+def load(name_or_path: str, device=None, offline: bool | None = None) -> DiffusionModel:
+    """Load a model by short name, hub id or local directory, on ``device`` (default CPU)."""
+    if name_or_path == "countdown":
+        from lsdtool.models.countdown import CountdownModel
+
+        model = CountdownModel()
+    elif name_or_path in REGISTRY or os.path.isdir(name_or_path) or "/" in name_or_path:
+        from lsdtool.models.pretrained import load_pretrained
+
+        model = load_pretrained(name_or_path, offline=offline)
+    else:
+        known = ", ".join(REGISTRY)
+        raise LsdError(f"unknown model {name_or_path!r}: use one of {known}, a hub id or a local directory")
+    return model.to(device or "cpu")
+
+
+def availability(name: str) -> tuple[str, bool]:
+    """(source, usable offline now) for a registry name."""
+    hub_id = REGISTRY[name]
+    if hub_id is None:
+        return "embedded", True
+    from lsdtool.models.pretrained import cached_locally
+
+    return hub_id, cached_locally(hub_id)
+
+
+__all__ = ["DiffusionModel", "REGISTRY", "availability", "load"]
