@@ -1,0 +1,70 @@
+"""The artifact cache: location, keys, lookup-or-distil, listing (DESIGN §7)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from lsdtool import artifacts, recipes
+from lsdtool.errors import LsdError
+
+
+def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """``--cache-dir``, else ``LSD_CACHE_DIR``, else platformdirs' user cache dir for ``lsd``."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("LSD_CACHE_DIR"):
+        return Path(os.environ["LSD_CACHE_DIR"])
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("lsd"))
+
+
+def key(fingerprint: str, recipe_toml: str) -> str:
+    """Hash of (model fingerprint, effective recipe)."""
+    return hashlib.sha256(f"{fingerprint}\n{recipe_toml}".encode()).hexdigest()[:16]
+
+
+def artifact_path(model, recipe: dict, root: Path) -> Path:
+    """<root>/<model>/<model>-<lsd|lsd+>-<steps>-<key>.safetensors"""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.name)
+    kind = "lsd+" if recipe["plus"] else "lsd"
+    return root / name / f"{name}-{kind}-{recipe['steps']}-{key(model.fingerprint, recipes.to_toml(recipe))}.safetensors"
+
+
+def obtain(model, overrides: dict | None = None, *, cache_dir=None, refit: bool = False, device=None,
+           quiet: bool = False, recipe_file: str | None = None):
+    """(path, Sampler) of the artifact for ``model`` and the effective recipe, distilling it on a miss."""
+    recipe = recipes.effective(model.name, recipe_file, overrides)
+    path = artifact_path(model, recipe, globals()["cache_dir"](cache_dir))
+    if path.exists() and not refit:
+        try:
+            sampler, _ = artifacts.load(path)
+            return path, sampler
+        except LsdError:
+            if not quiet:
+                from lsdtool.console import log
+
+                log(f"cached artifact {path} is unreadable; distilling it again")
+    from lsdtool import distill
+
+    result = distill.distill(model, recipe, device=device, quiet=quiet)
+    meta = artifacts.metadata(model, result.sampler, recipe, recipes.to_toml(recipe), result.fit)
+    artifacts.save(path, result.sampler, meta)
+    return path, result.sampler
+
+
+def entries(root: Path) -> list[dict]:
+    """Every artifact under the cache root with its main metadata; unreadable files are listed as such."""
+    rows = []
+    for path in sorted(root.rglob("*.safetensors")) if root.exists() else []:
+        try:
+            sampler, meta = artifacts.load(path)
+            rows.append({"path": str(path), "model": meta["model"], "steps": sampler.steps, "plus": meta["plus"] == "true",
+                         "base": sampler.base, "mode": sampler.mode, "objective": meta.get("objective", ""),
+                         "created": meta["created"], "bytes": path.stat().st_size})
+        except LsdError as exc:
+            rows.append({"path": str(path), "error": str(exc)})
+    return rows

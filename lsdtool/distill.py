@@ -1,0 +1,366 @@
+"""Teacher rollout and LSD / LSD+ fitting (DESIGN §6; Learnable Sampler Distillation, arXiv 2509.19962).
+
+Two objectives share the teacher rollout, which runs through the one engine loop:
+
+- ``teacher-path``: the student is judged on the teacher's own states. LSD+ picks the grid that
+  minimises the teacher-path decoding loss exactly, by dynamic programming over candidate
+  boundaries on the teacher grid; Phi_k maximises the likelihood of the teacher's transition over
+  the student interval under the student's one-step kernel.
+- ``paper``: the paper read literally. The student rolls out from a (relaxed) copy of the
+  teacher's start; Phi_k aligns the student's score with the teacher's at the same time
+  (eq. 5-6), and LSD+ aligns kappa_k-weighted student mass with the teacher's mass over the
+  student interval.
+
+Gradients reach only Phi (and kappa); draws are never differentiated.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lsdtool import rng
+from lsdtool.errors import LsdError
+from lsdtool.samplers import DEFAULT_EPS, Sampler, iterate, step_rows, uniform_grid
+from lsdtool.diffusion import make_graph
+
+_PAPER_MEMORY = 2 << 30  # bytes of cached teacher mass the paper objective may hold
+
+
+@dataclass
+class FitResult:
+    sampler: Sampler
+    fit: dict
+
+
+def distill(model, recipe: dict, device=None, quiet: bool = False) -> FitResult:
+    """Fit a ``recipe['steps']``-step sampler for ``model``; returns the sampler and a fit report."""
+    from lsdtool.generation import pick_device
+
+    dev = pick_device(device)
+    if recipe["objective"] == "paper" and model.graph != "absorb":
+        raise LsdError("the paper objective is implemented for absorbing models; use objective = \"teacher-path\"")
+    if hasattr(model, "to"):
+        model.to(dev)
+    start = time.time()
+    if recipe["iters"] == 0:  # untrained: the base sampler itself
+        return FitResult(Sampler.plain(recipe["steps"], recipe["base"], recipe["mode"]), {"iterations": 0, "objective": recipe["objective"]})
+    paper = recipe["objective"] == "paper"
+    rollout = TeacherRollout(model, recipe, dev, quiet, collect_mass=paper and recipe["plus"])
+    fit = fit_teacher_path(rollout, recipe, quiet) if recipe["objective"] == "teacher-path" else fit_paper(rollout, recipe, quiet)
+    fit.fit.update({"objective": recipe["objective"], "seconds": round(time.time() - start, 2), "device": str(dev),
+                    "teacher_steps": rollout.n_steps, "samples": rollout.n_samples})
+    fit.sampler.check()
+    return fit
+
+
+class TeacherRollout:
+    """Teacher trajectories from the recipe's seed, reduced to what fitting needs.
+
+    Kept per sample (S samples, L positions): the states at K+1 candidate boundaries on the teacher
+    grid (long), the final tokens, and for absorbing models the step at which each position was
+    revealed and the teacher's log-probability of the revealed token at that moment.
+    """
+
+    def __init__(self, model, recipe: dict, device, quiet: bool, collect_mass: bool = False):
+        self.model, self.device = model, device
+        self.n_steps = recipe["teacher_steps"]
+        self.n_samples = recipe["samples"]
+        self.seed = recipe["seed"]
+        self.teacher = Sampler.plain(self.n_steps, base=recipe["base"])
+        k = min(recipe["candidates"], self.n_steps)
+        cands = torch.unique(torch.round(torch.linspace(0, self.n_steps, k + 1, dtype=torch.float64)).long())
+        for m in (recipe["steps"],):  # the uniform student grid must be reachable, so "before" is comparable
+            uniform = torch.round(torch.linspace(0, self.n_steps, m + 1, dtype=torch.float64)).long()
+            cands = torch.unique(torch.cat([cands, uniform]))
+        self.candidates = cands  # (K+1,) teacher step indices; the state at index c is the state before step c
+        self.times = self.teacher.timesteps[cands]  # (K+1,) float64
+        self.absorbing = model.graph == "absorb"
+        self.mass = self._mass_buffer() if collect_mass else None
+        self._run(recipe["batch"], quiet)
+
+    def _mass_buffer(self) -> torch.Tensor:
+        """Teacher mass per candidate interval, sum over its teacher steps of (t - s) sigma'(t) s*(x*_t, t)
+        at masked rows: (K, S, L, V) float32, for the paper objective's LSD+ term."""
+        kk, s = len(self.candidates) - 1, self.n_samples
+        l, v = self.model.seq_len, self.model.vocab_size
+        if kk * s * l * v * 4 > _PAPER_MEMORY:
+            raise LsdError(f"the paper objective would cache {kk * s * l * v * 4 / 2**30:.1f} GiB of teacher mass; "
+                           "lower samples or candidates, or use objective = \"teacher-path\"")
+        return torch.zeros(kk, s, l, v, dtype=torch.float32)
+
+    def _run(self, batch: int, quiet: bool):
+        from lsdtool.console import progress
+
+        model, s, l = self.model, self.n_samples, self.model.seq_len
+        cands = self.candidates.tolist()
+        pos_of = {c: i for i, c in enumerate(cands)}
+        self.states = torch.empty(len(self.candidates), s, l, dtype=torch.long)
+        self.reveal_step = torch.full((s, l), self.n_steps - 1, dtype=torch.long)
+        self.reveal_logp = torch.zeros(s, l, dtype=torch.float64)
+        mask = model.vocab_size - 1
+        with progress() as bar, torch.no_grad():
+            task = bar.add_task("teacher rollout", total=s * self.n_steps)
+            for b0 in range(0, s, batch):
+                index = torch.arange(b0, min(s, b0 + batch), device=self.device)
+                rows = slice(b0, b0 + index.shape[0])
+                interval = 0
+                for step in iterate(model, self.teacher, index, self.seed):
+                    if step.k in pos_of:
+                        self.states[pos_of[step.k], rows] = step.x.cpu()
+                    while step.k >= cands[interval + 1]:
+                        interval += 1
+                    if self.absorbing:
+                        revealed = (step.x == mask) & (step.x_next != mask)
+                        if revealed.any():
+                            logp = _token_logp(step.log_score, step.x_next, revealed)
+                            rev = revealed.cpu()
+                            self.reveal_step[rows][rev] = step.k  # a slice of rows is a view: writes land
+                            self.reveal_logp[rows][rev] = logp.cpu()
+                    if self.mass is not None:
+                        rate = float((step.t - step.s) * model.noise.rate(step.t))
+                        moving = (step.x == mask).float()[..., None]
+                        self.mass[interval, rows] += (rate * step.log_score.exp().float() * moving).cpu()
+                    bar.advance(task, index.shape[0])
+                self.states[-1, rows] = step.x_next.cpu()
+        self.final = self.states[-1]
+
+
+def _token_logp(log_score, tokens, rows):
+    """log p(token | x) at the selected masked rows: log-softmax of the score over real tokens; -> (R,)."""
+    ls = log_score[rows][:, :-1].double()
+    return torch.log_softmax(ls, -1).gather(-1, tokens[rows][:, None]).squeeze(-1)
+
+
+def _batches(n: int, size: int):
+    for b0 in range(0, n, size):
+        yield slice(b0, min(n, b0 + size))
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher-path objective
+
+
+def decoding_costs(rollout: TeacherRollout, batch: int) -> torch.Tensor:
+    """C[a, b] (K+1, K+1) float64: summed over samples, sum over tokens revealed by the teacher in
+    candidate interval a..b-1 of log p(y | x*_reveal) - log p(y | x*_a); inf where b <= a."""
+    model, cands, kk = rollout.model, rollout.candidates, len(rollout.candidates)
+    bins = torch.searchsorted(cands, rollout.reveal_step, right=True) - 1  # (S, L) candidate interval of each reveal
+    per_bin = torch.zeros(kk, kk, dtype=torch.float64)  # [a, j]: sum over tokens revealed in bin j of lp_reveal - lp_a
+    mask = model.vocab_size - 1
+    with torch.no_grad():
+        for a in range(kk - 1):
+            t = rollout.times[a].to(torch.float32)
+            for rows in _batches(rollout.n_samples, batch):
+                x = rollout.states[a, rows].to(rollout.device)
+                masked = x == mask
+                if not masked.any():
+                    continue
+                ls = model.log_score(x, t.to(rollout.device).expand(x.shape[0]))
+                lp_a = _token_logp(ls, rollout.final[rows].to(rollout.device), masked).cpu()
+                gain = rollout.reveal_logp[rows][masked.cpu()] - lp_a
+                per_bin[a].index_add_(0, bins[rows][masked.cpu()], gain)
+    cost = torch.full((kk, kk), math.inf, dtype=torch.float64)
+    cum = per_bin.cumsum(1)  # C[a, b] = sum_{j=a}^{b-1} per_bin[a, j]
+    for a in range(kk - 1):
+        cost[a, a + 1 :] = cum[a, a : kk - 1]
+    return cost
+
+
+def kernel_costs(rollout: TeacherRollout, recipe: dict, batch: int) -> torch.Tensor:
+    """C[a, b]: minus the log-likelihood of the teacher's move x*_a -> x*_b under one plain student
+    step from t_a to t_b, summed over samples (the uniform-graph schedule cost)."""
+    kk = len(rollout.candidates)
+    cost = torch.full((kk, kk), math.inf, dtype=torch.float64)
+    for a in range(kk - 1):
+        for b in range(a + 1, kk):
+            cost[a, b] = sum(interval_nll(rollout, a, b, torch.ones((), dtype=torch.float64), recipe, b == kk - 1, rows)
+                             for rows in _batches(rollout.n_samples, batch)).item()
+    return cost
+
+
+def best_path(cost: torch.Tensor, steps: int) -> list[int]:
+    """Indices 0 = c_0 < ... < c_M = K minimising sum_m cost[c_m, c_{m+1}] (exact DP, O(M K^2))."""
+    kk = cost.shape[0]
+    if steps > kk - 1:
+        raise LsdError(f"cannot place {steps} steps on {kk - 1} candidate intervals; raise candidates or teacher_steps")
+    best = torch.full((steps + 1, kk), math.inf, dtype=torch.float64)
+    arg = torch.zeros(steps + 1, kk, dtype=torch.long)
+    best[0, 0] = 0.0
+    for m in range(1, steps + 1):
+        total = best[m - 1][:, None] + cost  # [a, b]
+        best[m], arg[m] = total.min(0)
+    path = [kk - 1]
+    for m in range(steps, 0, -1):
+        path.append(int(arg[m, path[-1]]))
+    return path[::-1]
+
+
+def interval_nll(rollout: TeacherRollout, a: int, b: int, coeff: torch.Tensor, recipe: dict, final: bool, rows) -> torch.Tensor:
+    """-sum log p_student(x*_b | x*_a) for one student step t_a -> t_b with coefficient ``coeff``
+    (differentiable in coeff), over the samples ``rows``; the model sees the teacher's state."""
+    model, dev = rollout.model, rollout.device
+    graph = make_graph(model.graph, model.vocab_size)
+    x = rollout.states[a, rows].to(dev)
+    y = rollout.states[b, rows].to(dev)
+    moving = graph.moving(x)
+    if not moving.any():
+        return torch.zeros((), dtype=torch.float64)
+    t, s = rollout.times[a].to(dev), rollout.times[b].to(dev)
+    with torch.no_grad():
+        ls = model.log_score(x, t.to(torch.float32).expand(x.shape[0]))
+    probs = step_rows(graph, model.noise, ls[moving], x[moving], t, s, recipe["base"], coeff.to(dev), recipe["mode"], final)
+    target = y[moving]
+    return -torch.log(probs.gather(-1, target[:, None]).clamp_min(1e-300)).sum().cpu()
+
+
+def fit_coeffs(rollout: TeacherRollout, path: list[int], recipe: dict, quiet: bool) -> tuple[torch.Tensor, list, list]:
+    """Phi_k = argmax of the teacher's interval likelihood, per step (each Phi_k only enters its own
+    term, so the steps are fitted independently); Adam on log Phi. Returns Phi, NLL before, NLL after."""
+    from lsdtool.console import progress
+
+    steps, n = len(path) - 1, rollout.n_samples
+    coeffs, before, after = [], [], []
+    with progress() as bar:
+        task = bar.add_task("fitting coefficients", total=steps * recipe["iters"])
+        for k in range(steps):
+            a, b, final = path[k], path[k + 1], k == steps - 1
+            nll = lambda c, rows=slice(0, n): interval_nll(rollout, a, b, c, recipe, final, rows) / n  # noqa: E731
+            with torch.no_grad():
+                before.append(float(sum(nll(torch.ones((), dtype=torch.float64), r) for r in _batches(n, recipe["batch"]))))
+            log_phi = torch.zeros((), dtype=torch.float64, requires_grad=True)
+            opt = torch.optim.Adam([log_phi], lr=recipe["lr"])
+            g = torch.Generator().manual_seed(recipe["seed"] * 1000 + k)
+            for _ in range(recipe["iters"]):
+                rows = torch.randperm(n, generator=g)[: recipe["batch"]]
+                loss = interval_nll(rollout, a, b, log_phi.exp(), recipe, final, rows) / rows.numel()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                bar.advance(task)
+            phi = log_phi.detach().exp()
+            with torch.no_grad():
+                after.append(float(sum(nll(phi, r) for r in _batches(n, recipe["batch"]))))
+            if after[-1] > before[-1]:  # a noisy optimiser must never make the step worse than Phi = 1
+                phi, after[-1] = torch.ones((), dtype=torch.float64), before[-1]
+            coeffs.append(phi)
+    return torch.stack(coeffs), before, after
+
+
+def fit_teacher_path(rollout: TeacherRollout, recipe: dict, quiet: bool) -> FitResult:
+    steps, batch = recipe["steps"], recipe["batch"]
+    uniform = [int(torch.nonzero(rollout.candidates == c)) for c in
+               torch.round(torch.linspace(0, rollout.n_steps, steps + 1, dtype=torch.float64)).long()]
+    fit: dict = {}
+    path = uniform
+    if recipe["plus"]:
+        cost = decoding_costs(rollout, batch) if rollout.absorbing else kernel_costs(rollout, recipe, batch)
+        path = best_path(cost, steps)
+        per = lambda p: [float(cost[p[i], p[i + 1]]) / rollout.n_samples for i in range(steps)]  # noqa: E731
+        fit["schedule_loss_before"], fit["schedule_loss_after"] = per(uniform), per(path)
+    coeffs, before, after = fit_coeffs(rollout, path, recipe, quiet)
+    timesteps = rollout.times[path].clone() if recipe["plus"] else uniform_grid(steps)
+    sampler = Sampler(timesteps, coeffs.double(), recipe["base"], recipe["mode"])
+    if recipe["plus"]:
+        # "before" is the untrained sampler (uniform grid, Phi = 1), measured by the same likelihood.
+        fit["loss_schedule_only"] = before
+        before = [float(interval_nll(rollout, uniform[k], uniform[k + 1], torch.ones((), dtype=torch.float64),
+                                     recipe, k == steps - 1, slice(0, rollout.n_samples))) / rollout.n_samples
+                  for k in range(steps)]
+    fit["loss_before"], fit["loss_after"] = before, after
+    fit["iterations"] = recipe["iters"]
+    fit["loss"] = "teacher transition NLL per sample (nats)"
+    return FitResult(sampler, fit)
+
+
+# ---------------------------------------------------------------------------------------------
+# paper objective
+
+
+def _relaxed_start(rollout: TeacherRollout, rows: slice, recipe: dict, it: int) -> torch.Tensor:
+    """The teacher's start (all mask) with ceil(zeta L) positions filled: with the teacher's final
+    tokens (``fill = teacher``) or uniform random tokens (``fill = uniform``)."""
+    x = rollout.states[0, rows].clone()
+    if not recipe["relax"]:
+        return x
+    b, l = x.shape
+    n_fill = math.ceil(recipe["zeta"] * l)
+    index = torch.arange(rows.start, rows.start + b)
+    u = rng.uniforms(recipe["seed"] + it, rng.STREAM_FIT, index, 0, l)
+    chosen = u.argsort(-1)[:, :n_fill]
+    if recipe["fill"] == "teacher":
+        fill = rollout.final[rows].gather(1, chosen)
+    else:
+        v = rng.uniforms(recipe["seed"] + it, rng.STREAM_FIT, index, 1, n_fill)
+        fill = (v * (rollout.model.vocab_size - 1)).long()
+    return x.scatter(1, chosen, fill)
+
+
+def fit_paper(rollout: TeacherRollout, recipe: dict, quiet: bool) -> FitResult:
+    """Adam on log Phi (and kappa logits for LSD+) against the paper's per-step losses."""
+    from lsdtool.console import progress
+
+    model, dev = rollout.model, rollout.device
+    steps, n = recipe["steps"], rollout.n_samples
+    t0, eps = 1.0, float(rollout.times[-1])
+    log_phi = torch.zeros(steps, dtype=torch.float64, requires_grad=True)
+    logits = torch.zeros(steps, dtype=torch.float64, requires_grad=recipe["plus"])
+    params = [log_phi] + ([logits] if recipe["plus"] else [])
+    opt = torch.optim.Adam(params, lr=recipe["lr"])
+    history = []
+    mask = model.vocab_size - 1
+    cand_t = rollout.times.to(torch.float64)
+    with progress() as bar:
+        task = bar.add_task("fitting (paper objective)", total=recipe["iters"])
+        for it in range(recipe["iters"]):
+            rows = slice((it * recipe["batch"]) % n, min(n, (it * recipe["batch"]) % n + recipe["batch"]))
+            taus = grid_from_logits(logits, t0, eps)
+            sampler = Sampler(taus.detach(), log_phi.detach().exp(), recipe["base"], recipe["mode"])
+            index = torch.arange(rows.start, rows.stop, device=dev)
+            x0 = _relaxed_start(rollout, rows, recipe, it).to(dev)
+            losses = []
+            for step in iterate(model, sampler, index, recipe["seed"] * 7919 + it + 1, x_init=x0, grad=recipe["plus"], timesteps=taus):
+                k = step.k
+                c = int(torch.argmin((cand_t - taus[k].detach()).abs()))  # the teacher's state nearest the student time
+                xt = rollout.states[c, rows].to(dev)
+                both = (step.x == mask) & (xt == mask)
+                if not both.any():
+                    continue
+                with torch.no_grad():
+                    target = model.log_score(xt, taus[k].detach().float().expand(xt.shape[0]))[both][:, :-1].double().exp()
+                ls = step.log_score[both][:, :-1].double()
+                phi = log_phi[k].exp()
+                student = ls.exp() * phi if recipe["mode"] == "score" else (ls * phi).exp()
+                loss = ((student - target) ** 2).mean() / (target**2).mean().clamp_min(1e-30)
+                if rollout.mass is not None:
+                    c_next = int(torch.argmin((cand_t - taus[k + 1].detach()).abs()))
+                    mass = rollout.mass[c:max(c + 1, c_next), rows].sum(0).to(dev)[both][:, :-1].double()
+                    kappa = taus[k] - taus[k + 1]
+                    pred = kappa * model.noise.rate(taus[k]) * ls.exp()
+                    loss = loss + ((pred - mass) ** 2).mean() / (mass**2).mean().clamp_min(1e-30)
+                losses.append(loss)
+            if losses:
+                total = torch.stack(losses).sum()
+                opt.zero_grad()
+                total.backward()
+                opt.step()
+                history.append(float(total))
+            bar.advance(task)
+    taus = grid_from_logits(logits.detach(), t0, eps)
+    sampler = Sampler(taus, log_phi.detach().exp(), recipe["base"], recipe["mode"])
+    fit = {"iterations": recipe["iters"], "loss": "paper objective (normalised MSE, summed over steps)",
+           "loss_before": history[:1], "loss_after": history[-1:], "history": history[:: max(1, len(history) // 50)]}
+    return FitResult(sampler, fit)
+
+
+def grid_from_logits(logits: torch.Tensor, t0: float = 1.0, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """tau_0 = t0 > ... > tau_M = eps with steps kappa = (t0 - eps) softmax(logits) > 0 (valid by construction)."""
+    kappa = (t0 - eps) * torch.softmax(logits, 0)
+    taus = t0 - torch.cat([torch.zeros(1, dtype=kappa.dtype), kappa.cumsum(0)])
+    return torch.cat([taus[:-1], torch.full((1,), eps, dtype=kappa.dtype)])
+
+
+__all__ = ["FitResult", "distill", "best_path", "grid_from_logits", "uniform_grid"]
