@@ -28,6 +28,7 @@ from lsdtool.samplers import DEFAULT_EPS, Sampler, iterate, step_rows, uniform_g
 from lsdtool.diffusion import make_graph
 
 _PAPER_MEMORY = 2 << 30  # bytes of cached teacher mass the paper objective may hold
+_SCORE_MEMORY = 1 << 30  # bytes of model outputs kept between evaluations of the fitting loss
 
 
 @dataclass
@@ -80,6 +81,8 @@ class TeacherRollout:
         self.times = self.teacher.timesteps[cands]  # (K+1,) float64
         self.absorbing = model.graph == "absorb"
         self.mass = self._mass_buffer() if collect_mass else None
+        self._scores: dict[tuple, torch.Tensor] = {}
+        self._score_bytes = 0
         self._run(recipe["batch"], quiet)
 
     def _mass_buffer(self) -> torch.Tensor:
@@ -91,6 +94,25 @@ class TeacherRollout:
             raise LsdError(f"the paper objective would cache {kk * s * l * v * 4 / 2**30:.1f} GiB of teacher mass; "
                            "lower samples or candidates, or use objective = \"teacher-path\"")
         return torch.zeros(kk, s, l, v, dtype=torch.float32)
+
+    def moving_scores(self, a: int, rows: slice, moving: torch.Tensor) -> torch.Tensor:
+        """The model's log score (R, V) at the moving rows of candidate state a, computed once while
+        the memory budget allows (fitting evaluates the same rows many times)."""
+        key = (a, rows.start, rows.stop)
+        if key in self._scores:
+            return self._scores[key]
+        x = self.states[a, rows].to(self.device)
+        with torch.no_grad():
+            ls = self.model.log_score(x, self.times[a].to(self.device, torch.float32).expand(x.shape[0]))[moving]
+        if self._score_bytes + ls.numel() * ls.element_size() <= _SCORE_MEMORY:
+            self._scores[key] = ls
+            self._score_bytes += ls.numel() * ls.element_size()
+        return ls
+
+    def forget_scores(self, a: int) -> None:
+        for key in [k for k in self._scores if k[0] == a]:
+            self._score_bytes -= self._scores[key].numel() * self._scores[key].element_size()
+            del self._scores[key]
 
     def _run(self, batch: int, quiet: bool):
         from lsdtool.console import progress
@@ -205,48 +227,53 @@ def interval_nll(rollout: TeacherRollout, a: int, b: int, coeff: torch.Tensor, r
     model, dev = rollout.model, rollout.device
     graph = make_graph(model.graph, model.vocab_size)
     x = rollout.states[a, rows].to(dev)
-    y = rollout.states[b, rows].to(dev)
     moving = graph.moving(x)
     if not moving.any():
         return torch.zeros((), dtype=torch.float64)
     t, s = rollout.times[a].to(dev), rollout.times[b].to(dev)
-    with torch.no_grad():
-        ls = model.log_score(x, t.to(torch.float32).expand(x.shape[0]))
-    probs = step_rows(graph, model.noise, ls[moving], x[moving], t, s, recipe["base"], coeff.to(dev), recipe["mode"], final)
-    target = y[moving]
+    ls = rollout.moving_scores(a, rows, moving)
+    probs = step_rows(graph, model.noise, ls, x[moving], t, s, recipe["base"], coeff.to(dev), recipe["mode"], final)
+    target = rollout.states[b, rows].to(dev)[moving]
     return -torch.log(probs.gather(-1, target[:, None]).clamp_min(1e-300)).sum().cpu()
 
 
 def fit_coeffs(rollout: TeacherRollout, path: list[int], recipe: dict, quiet: bool) -> tuple[torch.Tensor, list, list]:
     """Phi_k = argmax of the teacher's interval likelihood, per step (each Phi_k only enters its own
-    term, so the steps are fitted independently); Adam on log Phi. Returns Phi, NLL before, NLL after."""
+    term, so steps are fitted independently): full-batch L-BFGS on log Phi, ``iters`` iterations at
+    most. Returns Phi (M,), NLL per sample before (Phi = 1) and after."""
     from lsdtool.console import progress
 
     steps, n = len(path) - 1, rollout.n_samples
     coeffs, before, after = [], [], []
+
+    def nll(k, phi):
+        a, b = path[k], path[k + 1]
+        return sum(interval_nll(rollout, a, b, phi, recipe, k == steps - 1, r) for r in _batches(n, recipe["batch"])) / n
+
     with progress() as bar:
-        task = bar.add_task("fitting coefficients", total=steps * recipe["iters"])
+        task = bar.add_task("fitting coefficients", total=steps)
         for k in range(steps):
-            a, b, final = path[k], path[k + 1], k == steps - 1
-            nll = lambda c, rows=slice(0, n): interval_nll(rollout, a, b, c, recipe, final, rows) / n  # noqa: E731
+            one = torch.ones((), dtype=torch.float64)
             with torch.no_grad():
-                before.append(float(sum(nll(torch.ones((), dtype=torch.float64), r) for r in _batches(n, recipe["batch"]))))
+                before.append(float(nll(k, one)))
             log_phi = torch.zeros((), dtype=torch.float64, requires_grad=True)
-            opt = torch.optim.Adam([log_phi], lr=recipe["lr"])
-            g = torch.Generator().manual_seed(recipe["seed"] * 1000 + k)
-            for _ in range(recipe["iters"]):
-                rows = torch.randperm(n, generator=g)[: recipe["batch"]]
-                loss = interval_nll(rollout, a, b, log_phi.exp(), recipe, final, rows) / rows.numel()
+            opt = torch.optim.LBFGS([log_phi], lr=1.0, max_iter=recipe["iters"], line_search_fn="strong_wolfe")
+
+            def closure():
                 opt.zero_grad()
+                loss = nll(k, log_phi.exp())
                 loss.backward()
-                opt.step()
-                bar.advance(task)
+                return loss
+
+            opt.step(closure)
             phi = log_phi.detach().exp()
             with torch.no_grad():
-                after.append(float(sum(nll(phi, r) for r in _batches(n, recipe["batch"]))))
-            if after[-1] > before[-1]:  # a noisy optimiser must never make the step worse than Phi = 1
-                phi, after[-1] = torch.ones((), dtype=torch.float64), before[-1]
+                after.append(float(nll(k, phi)))
+            if not after[-1] <= before[-1]:  # never worse than Phi = 1 (and never NaN)
+                phi, after[-1] = one, before[-1]
             coeffs.append(phi)
+            rollout.forget_scores(path[k])
+            bar.advance(task)
     return torch.stack(coeffs), before, after
 
 
@@ -299,6 +326,13 @@ def _relaxed_start(rollout: TeacherRollout, rows: slice, recipe: dict, it: int) 
     return x.scatter(1, chosen, fill)
 
 
+def paper_score_loss(log_score: torch.Tensor, target: torch.Tensor, phi: torch.Tensor, mode: str) -> torch.Tensor:
+    """LSD eq. 6 with d = MSE: |Phi s - s*|^2 (score mode) or |exp(Phi log s) - s*|^2 (temperature mode),
+    normalised by |s*|^2 so every step weighs alike; log_score, target (R, V)."""
+    student = log_score.exp() * phi if mode == "score" else (log_score * phi).exp()
+    return ((student - target) ** 2).mean() / (target**2).mean().clamp_min(1e-30)
+
+
 def fit_paper(rollout: TeacherRollout, recipe: dict, quiet: bool) -> FitResult:
     """Adam on log Phi (and kappa logits for LSD+) against the paper's per-step losses."""
     from lsdtool.console import progress
@@ -317,7 +351,7 @@ def fit_paper(rollout: TeacherRollout, recipe: dict, quiet: bool) -> FitResult:
         task = bar.add_task("fitting (paper objective)", total=recipe["iters"])
         for it in range(recipe["iters"]):
             rows = slice((it * recipe["batch"]) % n, min(n, (it * recipe["batch"]) % n + recipe["batch"]))
-            taus = grid_from_logits(logits, t0, eps)
+            taus = grid_from_logits(logits, t0, eps) if recipe["plus"] else uniform_grid(steps)
             sampler = Sampler(taus.detach(), log_phi.detach().exp(), recipe["base"], recipe["mode"])
             index = torch.arange(rows.start, rows.stop, device=dev)
             x0 = _relaxed_start(rollout, rows, recipe, it).to(dev)
@@ -332,9 +366,7 @@ def fit_paper(rollout: TeacherRollout, recipe: dict, quiet: bool) -> FitResult:
                 with torch.no_grad():
                     target = model.log_score(xt, taus[k].detach().float().expand(xt.shape[0]))[both][:, :-1].double().exp()
                 ls = step.log_score[both][:, :-1].double()
-                phi = log_phi[k].exp()
-                student = ls.exp() * phi if recipe["mode"] == "score" else (ls * phi).exp()
-                loss = ((student - target) ** 2).mean() / (target**2).mean().clamp_min(1e-30)
+                loss = paper_score_loss(ls, target, log_phi[k].exp(), recipe["mode"])
                 if rollout.mass is not None:
                     c_next = int(torch.argmin((cand_t - taus[k + 1].detach()).abs()))
                     mass = rollout.mass[c:max(c + 1, c_next), rows].sum(0).to(dev)[both][:, :-1].double()
@@ -347,9 +379,9 @@ def fit_paper(rollout: TeacherRollout, recipe: dict, quiet: bool) -> FitResult:
                 opt.zero_grad()
                 total.backward()
                 opt.step()
-                history.append(float(total))
+                history.append(float(total.detach()))
             bar.advance(task)
-    taus = grid_from_logits(logits.detach(), t0, eps)
+    taus = grid_from_logits(logits.detach(), t0, eps) if recipe["plus"] else uniform_grid(steps)
     sampler = Sampler(taus, log_phi.detach().exp(), recipe["base"], recipe["mode"])
     fit = {"iterations": recipe["iters"], "loss": "paper objective (normalised MSE, summed over steps)",
            "loss_before": history[:1], "loss_after": history[-1:], "history": history[:: max(1, len(history) // 50)]}
@@ -357,8 +389,10 @@ def fit_paper(rollout: TeacherRollout, recipe: dict, quiet: bool) -> FitResult:
 
 
 def grid_from_logits(logits: torch.Tensor, t0: float = 1.0, eps: float = DEFAULT_EPS) -> torch.Tensor:
-    """tau_0 = t0 > ... > tau_M = eps with steps kappa = (t0 - eps) softmax(logits) > 0 (valid by construction)."""
-    kappa = (t0 - eps) * torch.softmax(logits, 0)
+    """tau_0 = t0 > ... > tau_M = eps with steps kappa = (t0 - eps)(floor/M + (1 - floor) softmax(logits)):
+    every step is at least a thousandth of the uniform one, so the grid is strictly decreasing by construction."""
+    floor = 1e-3
+    kappa = (t0 - eps) * (floor / logits.shape[0] + (1 - floor) * torch.softmax(logits, 0))
     taus = t0 - torch.cat([torch.zeros(1, dtype=kappa.dtype), kappa.cumsum(0)])
     return torch.cat([taus[:-1], torch.full((1,), eps, dtype=kappa.dtype)])
 

@@ -1,0 +1,96 @@
+import itertools
+import math
+
+import pytest
+import torch
+
+from lsdtool import distill, recipes
+from lsdtool.metrics import countdown_errors
+from lsdtool.samplers import Sampler, sample
+
+SMALL = dict(teacher_steps=64, samples=32, batch=32, candidates=32, iters=5, seed=0)
+
+
+def test_best_path_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    k, m = 7, 3
+    cost = torch.rand(k, k, generator=g, dtype=torch.float64)
+    cost = torch.where(torch.arange(k)[:, None] < torch.arange(k)[None, :], cost, torch.full_like(cost, math.inf))
+    path = distill.best_path(cost, m)
+    best = min(itertools.combinations(range(1, k - 1), m - 1),
+               key=lambda mid: sum(cost[a, b] for a, b in zip((0, *mid), (*mid, k - 1))))
+    assert path == [0, *best, k - 1]
+    with pytest.raises(Exception):
+        distill.best_path(cost, k)
+
+
+def test_grid_from_logits_is_valid_by_construction():
+    uniform = distill.grid_from_logits(torch.zeros(8, dtype=torch.float64))
+    assert torch.allclose(uniform, torch.linspace(1, 1e-5, 9, dtype=torch.float64), atol=1e-12)
+    wild = distill.grid_from_logits(torch.tensor([30.0, -30.0, 5.0, 0.0], dtype=torch.float64))
+    assert (wild[1:] < wild[:-1]).all() and wild[0] == 1 and wild[-1] == 1e-5
+
+
+def test_zero_iterations_is_the_base_sampler(countdown):
+    r = recipes.effective("countdown", overrides=dict(SMALL, steps=4, plus=True, iters=0))
+    fit = distill.distill(countdown, r)
+    plain = Sampler.plain(4)
+    assert torch.equal(fit.sampler.timesteps, plain.timesteps) and torch.equal(fit.sampler.coeffs, plain.coeffs)
+
+
+def test_teacher_path_plus_beats_euler_on_countdown(countdown):
+    r = recipes.effective("countdown", overrides=dict(SMALL, steps=8, plus=True, teacher_steps=128))
+    fit = distill.distill(countdown, r)
+    s = fit.sampler
+    s.check()
+    assert sum(fit.fit["schedule_loss_after"]) < sum(fit.fit["schedule_loss_before"])
+    assert sum(fit.fit["loss_after"]) <= sum(fit.fit["loss_before"])
+    idx = torch.arange(256)
+    e_plain = countdown_errors(sample(countdown, Sampler.plain(8), idx, seed=99))["error"]
+    e_lsd = countdown_errors(sample(countdown, s, idx, seed=99))["error"]
+    assert e_lsd < 0.6 * e_plain
+
+
+def test_likelihood_coefficient_fit_never_hurts_and_is_recorded(countdown):
+    r = recipes.effective("countdown", overrides=dict(SMALL, steps=4, plus=False, mode="temperature"))
+    fit = distill.distill(countdown, r)
+    assert torch.equal(fit.sampler.timesteps, Sampler.plain(4).timesteps)
+    assert all(a <= b + 1e-12 for a, b in zip(fit.fit["loss_after"], fit.fit["loss_before"]))
+    assert (fit.sampler.coeffs != 1).any() and fit.sampler.mode == "temperature"
+
+
+def test_paper_step_loss_optimum_is_the_closed_form():
+    g = torch.Generator().manual_seed(1)
+    s = torch.rand(50, 7, generator=g, dtype=torch.float64)
+    target = 0.3 * s + 0.05 * torch.rand(50, 7, generator=g, dtype=torch.float64)
+    closed = (s * target).sum() / (s * s).sum()
+    log_phi = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([log_phi], lr=0.05)
+    for _ in range(400):
+        loss = distill.paper_score_loss(s.log(), target, log_phi.exp(), "score")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert log_phi.exp().item() == pytest.approx(closed.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_paper_objective_runs_and_keeps_a_valid_grid(countdown, plus):
+    r = recipes.effective("countdown", overrides=dict(SMALL, steps=4, plus=plus, objective="paper", iters=4, samples=16, batch=8))
+    fit = distill.distill(countdown, r)
+    fit.sampler.check()
+    assert fit.fit["objective"] == "paper" and len(fit.fit["history"]) >= 1
+    assert torch.isfinite(fit.sampler.coeffs).all()
+    if not plus:
+        assert torch.equal(fit.sampler.timesteps, Sampler.plain(4).timesteps)
+
+
+def test_relaxed_start_changes_ceil_zeta_l_positions(countdown):
+    r = recipes.effective("countdown", overrides=dict(SMALL, steps=4, objective="paper", samples=4, batch=4))
+    ro = distill.TeacherRollout(countdown, r, torch.device("cpu"), True)
+    for fill in ("teacher", "uniform"):
+        x = distill._relaxed_start(ro, slice(0, 4), dict(r, fill=fill), 0)
+        changed = x != 32
+        assert (changed.sum(-1) == math.ceil(0.05 * 256)).all()
+        if fill == "teacher":
+            assert torch.equal(x[changed], ro.final[:4][changed])
