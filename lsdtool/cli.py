@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -52,20 +53,31 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 @click.option("--steps", type=int, callback=positive, help="Number of steps of a plain sampler.")
 @click.option("--base", type=click.Choice(["euler", "tweedie"]), default="euler", show_default=True)
 @click.option("--denoise", is_flag=True, help="Add SEDD's final denoise step (one more NFE).")
-@click.option("-n", "num", type=int, default=16, show_default=True, callback=non_negative, help="Number of samples.")
+@click.option("-n", "num", type=int, callback=non_negative, help="Number of samples  [default: 16, or one per --input line]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True, callback=positive)
 @click.option("--format", "fmt", type=click.Choice(["text", "jsonl", "tokens"]), default="text", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write samples here instead of stdout.")
 @click.option("--force", is_flag=True, help="Use an artifact even if it was distilled for another model.")
+@click.option("--shard", "shard_spec", metavar="I/N", help="Draw only block I of N of the indices 0..n-1 (default: from RANK/WORLD_SIZE or SLURM).")
+@click.option("--resume", is_flag=True, help="Keep the complete samples already in -o FILE (jsonl) and draw the rest.")
+@click.option("--prefix", help="Text every sample starts with (kept fixed).")
+@click.option("--suffix", help="Text every sample ends with (kept fixed).")
+@click.option("--input", "input_path", type=click.Path(dir_okay=False), help="jsonl: line k gives sample k's prefix/suffix, or tokens with nulls to fill.")
 @device_option
 @offline_option
-def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size, fmt, output, force, device, offline):
+def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size, fmt, output, force, shard_spec,
+           resume, prefix, suffix, input_path, device, offline):
     """Draw samples; one per line on stdout (or -o FILE)."""
-    from lsdtool import generation, models
+    from lsdtool import conditioning, console, generation, models, sharding
     from lsdtool.samplers import Sampler
 
-    dev = generation.pick_device(device)
+    shard, num_shards = sharding.parse_shard(shard_spec) if shard_spec else sharding.shard_from_env(os.environ) or (0, 1)
+    if resume and (not output or fmt != "jsonl"):
+        raise ValueError("--resume needs -o FILE and --format jsonl")
+    if input_path and (prefix is not None or suffix is not None):
+        raise ValueError("give --input, or --prefix/--suffix, not both")
+    dev = generation.pick_device(sharding.launcher_device(device, os.environ))
     if sampler_path:
         from lsdtool import artifacts
 
@@ -77,20 +89,36 @@ def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size
             raise click.UsageError("give --model and --steps, or --sampler ARTIFACT")
         model = models.load(model_name, device=dev, offline=offline)
         sampler = Sampler.plain(steps, base=base, denoise=denoise)
-    _write_samples(model, sampler, list(range(num)), seed, batch_size, dev, fmt, output)
+    conditions = conditioning.read_input(model, input_path) if input_path else conditioning.from_text(model, prefix, suffix)
+    if num is None:
+        num = len(conditions) if input_path else 16
+    elif input_path and num > len(conditions):
+        raise ValueError(f"-n {num} asks for more samples than {input_path} has lines ({len(conditions)})")
+    indices = list(sharding.shard_range(num, shard, num_shards))
+    if num_shards > 1:
+        block = f"indices {indices[0]}..{indices[-1]}" if indices else "no indices"
+        console.log(f"shard {shard}/{num_shards}: {block} of {num}")
+    path = sharding.shard_path(output, shard, num_shards) if output else None
+    _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, path, conditions, resume)
 
 
-def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output):
-    from lsdtool import console, generation
+def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output, conditions=None, resume=False):
+    from lsdtool import conditioning, console, generation, merge
 
-    out = open(output, "w", encoding="utf-8") if output else sys.stdout
+    extra = generation.provenance(model, sampler, seed)
+    done = merge.resume(output, indices, extra) if resume else 0
+    if done:
+        console.log(f"resuming {output}: {done} of {len(indices)} samples already there")
+    out = open(output, "a" if resume else "w", encoding="utf-8") if output else sys.stdout
     try:
         with console.progress() as bar:
-            task = bar.add_task("sampling", total=len(indices) * sampler.nfe)
+            task = bar.add_task("sampling", total=(len(indices) - done) * sampler.nfe)
             on_step = lambda step: bar.advance(task, step.x.shape[0])  # noqa: E731
-            for chunk, x in generation.batches(model, sampler, indices, seed, batch_size, dev, on_step):
-                for i, row in zip(chunk, x):
-                    out.write(generation.record(model, i, row, fmt) + "\n")
+            for chunk, x in generation.batches(model, sampler, indices[done:], seed, batch_size, dev, on_step, conditions):
+                given = conditions.given(chunk) if conditions is not None else None
+                for k, (i, row) in enumerate(zip(chunk, x)):
+                    fields = extra if given is None else {**extra, "given": conditioning.spans(given[k])}
+                    out.write(generation.record(model, i, row, fmt, fields) + "\n")
                 out.flush()
     finally:
         if output:
@@ -122,6 +150,177 @@ def models_cmd(as_json):
     for r in rows:
         table.add_row(r["name"], r["source"], "yes" if r["offline"] else "no (download first)")
     Console().print(table)
+
+
+@main.command("merge")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here (atomically) instead of stdout.")
+def merge_cmd(files, output):
+    """Join jsonl sample files (e.g. shards) in index order, checking every index appears once
+    and all came from one sampler, model and seed."""
+    from lsdtool import console, merge
+
+    n = merge.merge(list(files), output)
+    console.log(f"merged {n} samples from {len(files)} files" + (f" into {output}" if output else ""))
+
+
+cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False), envvar="LSD_CACHE_DIR",
+                                help="Artifact cache (default: LSD_CACHE_DIR, else the user cache dir).")
+
+
+@main.command()
+@click.option("--model", "model_name", required=True, help="Model: registry name, hub id or local directory.")
+@click.option("--steps", type=int, callback=positive, help="Student steps M.")
+@click.option("--plus/--no-plus", default=None, help="LSD+: also learn the time schedule.")
+@click.option("--base", type=click.Choice(["euler", "tweedie"]), default=None)
+@click.option("--mode", type=click.Choice(["score", "temperature"]), default=None, help="What Phi multiplies.")
+@click.option("--objective", type=click.Choice(["teacher-path", "paper"]), default=None)
+@click.option("--teacher-steps", type=int, callback=positive, help="Teacher steps N.")
+@click.option("--samples", type=int, callback=positive, help="Teacher trajectories.")
+@click.option("--iters", type=int, callback=non_negative, help="Optimiser iterations (0: untrained).")
+@click.option("--batch", type=int, callback=positive, help="Trajectories per batch.")
+@click.option("--lr", type=float, help="Learning rate.")
+@click.option("--seed", type=int, help="Seed of the teacher trajectories.")
+@click.option("--recipe", "recipe_file", type=click.Path(), help="TOML recipe (default: the shipped one for the model).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Also copy the artifact here.")
+@click.option("--refit", is_flag=True, help="Distil again even on a cache hit.")
+@cache_dir_option
+@device_option
+@offline_option
+def distill(model_name, steps, plus, base, mode, objective, teacher_steps, samples, iters, batch, lr, seed,
+            recipe_file, out, refit, cache_dir, device, offline):
+    """Distil a few-step sampler; prints the artifact path as the last line of stdout."""
+    import json
+    import shutil
+    import time
+
+    from lsdtool import artifacts, cache, generation, models
+    from lsdtool.console import log
+
+    dev = generation.pick_device(device)
+    model = models.load(model_name, device=dev, offline=offline)
+    overrides = dict(steps=steps, plus=plus, base=base, mode=mode, objective=objective, teacher_steps=teacher_steps,
+                     samples=samples, iters=iters, batch=batch, lr=lr, seed=seed)
+    start = time.time()
+    path, sampler = cache.obtain(model, overrides, cache_dir=cache_dir, refit=refit, device=dev, recipe_file=recipe_file)
+    _, meta = artifacts.load(path)
+    fit = json.loads(meta["fit"])
+    if time.time() - start < 1.0 and not refit:
+        log(f"cache hit: {path}")
+    elif fit.get("loss_before") is not None:
+        before, after = fit.get("loss_before") or [], fit.get("loss_after") or []
+        log(f"fitted in {fit.get('seconds', 0):.1f}s on {fit.get('device')}: {fit.get('loss', 'loss')} "
+            f"{sum(before):.4g} -> {sum(after):.4g}")
+    if out:
+        tmp = f"{out}.tmp"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, out)
+        path = out
+    click.echo(str(path))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: metadata plus timesteps and coeffs.")
+def inspect(artifact, as_json):
+    """Show a sampler artifact: metadata, its grid, step sizes and coefficients."""
+    import json
+
+    from lsdtool import artifacts
+
+    sampler, meta = artifacts.load(artifact)
+    ts, cs = sampler.timesteps.tolist(), sampler.coeffs.tolist()
+    if as_json:
+        out = dict(meta)
+        out["fit"] = json.loads(meta["fit"])
+        out.update(timesteps=ts, coeffs=cs)
+        click.echo(json.dumps(out))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    info = Table(show_header=False, box=None)
+    for k in ("model", "model_fingerprint", "graph", "noise", "base", "mode", "steps", "plus", "objective",
+              "teacher_steps", "seed", "lsdtool_version", "created"):
+        info.add_row(k, meta.get(k, ""))
+    fit = json.loads(meta["fit"])
+    if fit.get("loss_before"):
+        info.add_row("loss before", f"{sum(fit['loss_before']):.5g}")
+        info.add_row("loss after", f"{sum(fit['loss_after']):.5g}")
+    info.add_row("fit", f"{fit.get('seconds', '?')} s on {fit.get('device', '?')}, {fit.get('iterations', '?')} iterations")
+    console.print(info)
+    steps = Table("k", "tau_k", "tau_k+1", "step", "Phi_k", "step size")
+    sizes = [a - b for a, b in zip(ts[:-1], ts[1:])]
+    width = 30
+    for k, (size, c) in enumerate(zip(sizes, cs)):
+        bar = "█" * max(1, round(width * size / max(sizes)))
+        steps.add_row(str(k), f"{ts[k]:.5f}", f"{ts[k + 1]:.5f}", f"{size:.5f}", f"{c:.4f}", bar)
+    console.print(steps)
+
+
+@main.group("cache")
+def cache_group():
+    """List, locate or remove cached sampler artifacts."""
+
+
+@cache_group.command("path")
+@cache_dir_option
+def cache_path(cache_dir):
+    """Print the cache directory."""
+    from lsdtool import cache
+
+    click.echo(str(cache.cache_dir(cache_dir)))
+
+
+@cache_group.command("list")
+@cache_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def cache_list(cache_dir, as_json):
+    """List cached artifacts."""
+    import json
+
+    from lsdtool import cache
+
+    rows = cache.entries(cache.cache_dir(cache_dir))
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("model", "sampler", "steps", "objective", "mode", "created", "path")
+    for r in rows:
+        if "error" in r:
+            table.add_row("?", "unreadable", "", "", "", "", r["path"])
+        else:
+            table.add_row(r["model"], "lsd+" if r["plus"] else "lsd", str(r["steps"]), r["objective"], r["mode"], r["created"], r["path"])
+    Console().print(table)
+
+
+@cache_group.command("rm")
+@click.argument("paths", nargs=-1)
+@click.option("--all", "remove_all", is_flag=True, help="Remove every cached artifact.")
+@cache_dir_option
+def cache_rm(paths, remove_all, cache_dir):
+    """Remove cached artifacts (by path, or --all)."""
+    from pathlib import Path
+
+    from lsdtool import cache
+    from lsdtool.errors import LsdError
+
+    root = cache.cache_dir(cache_dir).resolve()
+    targets = sorted(root.rglob("*.safetensors")) if remove_all else [Path(p) for p in paths]
+    if not targets and not remove_all:
+        raise click.UsageError("give artifact paths or --all")
+    for p in targets:
+        if root not in p.resolve().parents:
+            raise LsdError(f"{p} is not inside the cache {root}")
+        if not p.is_file():
+            raise LsdError(f"{p} is not a cached artifact")
+    for p in targets:
+        p.unlink()
+        click.echo(str(p))
 
 
 if __name__ == "__main__":
