@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Iterator
 
 import torch
 
+from lsdtool import conditioning
 from lsdtool.samplers import Sampler, sample
 
 FORMATS = ("text", "jsonl", "tokens")
@@ -23,13 +25,40 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def batches(model, sampler: Sampler, indices: list[int], seed: int, batch_size: int,
-            device: torch.device, on_step=None) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield (global indices, tokens (b, L) on CPU) batch by batch; output does not depend on batch_size."""
+            device: torch.device, on_step=None, conditions: conditioning.Conditions | None = None,
+            ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (global indices, tokens (b, L) on CPU) batch by batch; output does not depend on batch_size.
+
+    ``conditions`` gives each sample's fixed tokens (see :mod:`lsdtool.conditioning`).
+    """
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         index = torch.tensor(chunk, dtype=torch.long, device=device)
-        x = sample(model, sampler, index, seed, callback=on_step)
+        x_init = fixed = None
+        if conditions is not None:
+            x_init, fixed = conditioning.start(model, index, seed, conditions.given(chunk).to(device))
+        x = sample(model, sampler, index, seed, x_init, fixed, callback=on_step)
         yield chunk, x.cpu()
+
+
+def sampler_label(sampler: Sampler) -> str:
+    """The sampler's name for provenance: its artifact key or name, else ``base-steps[-denoise]``
+    followed by a digest of the grid and coefficients when they are not the plain sampler's."""
+    name = sampler.meta.get("key") or sampler.meta.get("name")
+    if name:
+        return str(name)
+    label = f"{sampler.base}-{sampler.steps}" + ("-denoise" if sampler.denoise else "")
+    ts, cs = sampler.timesteps.detach().cpu().double(), sampler.coeffs.detach().cpu().double()
+    plain = Sampler.plain(sampler.steps, sampler.base, sampler.mode, sampler.denoise)
+    if sampler.mode != "score" or not (torch.equal(ts, plain.timesteps) and torch.equal(cs, plain.coeffs)):
+        digest = hashlib.sha256(sampler.mode.encode() + ts.numpy().tobytes() + cs.numpy().tobytes())
+        label += "-" + digest.hexdigest()[:12]
+    return label
+
+
+def provenance(model, sampler: Sampler, seed: int) -> dict:
+    """What a jsonl record says about where it came from (compared by ``lsd merge`` and ``--resume``)."""
+    return {"seed": seed, "sampler": sampler_label(sampler), "model": model.name, "model_fingerprint": model.fingerprint}
 
 
 def record(model, index: int, tokens: torch.Tensor, fmt: str, extra: dict | None = None) -> str:
