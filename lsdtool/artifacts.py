@@ -28,6 +28,7 @@ def metadata(model, sampler: Sampler, recipe: dict, recipe_toml: str, fit: dict)
         "format_version": FORMAT_VERSION,
         "model": model.name,
         "model_fingerprint": model.fingerprint,
+        "model_source": getattr(model, "source", model.name),
         "graph": model.graph,
         "noise": model.noise.describe(),
         "base": sampler.base,

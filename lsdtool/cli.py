@@ -82,7 +82,7 @@ def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size
         from lsdtool import artifacts
 
         sampler, meta = artifacts.load(sampler_path)
-        model = models.load(model_name or meta["model"], device=dev, offline=offline)
+        model = models.load(model_name or meta.get("model_source") or meta["model"], device=dev, offline=offline)
         artifacts.check_model(meta, model, sampler_path, force)
     else:
         if not model_name or steps is None:
@@ -321,6 +321,180 @@ def cache_rm(paths, remove_all, cache_dir):
     for p in targets:
         p.unlink()
         click.echo(str(p))
+
+
+def _nfe_list(ctx, param, value):
+    try:
+        out = sorted({int(v) for v in str(value).split(",") if v.strip()})
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of NFE values, e.g. 8,16,32") from None
+    if not out or out[0] < 1:
+        raise click.BadParameter("NFE values must be positive integers")
+    return out
+
+
+@main.command()
+@click.option("--model", "model_name", required=True, help="Model: registry name, hub id or local directory.")
+@click.option("--steps", "nfes", default="8,16,32,64", show_default=True, callback=_nfe_list,
+              help="NFE values (model calls per sample), comma-separated.")
+@click.option("--samplers", default="euler,tweedie,lsd,lsd+", show_default=True,
+              help="Comma-separated: euler, tweedie, count, theta-trapezoidal, jys, euler-temp, power, lsd, lsd+ "
+                   "(lsd/lsd+ take :paper, :teacher-path, :temperature, :score, :tweedie suffixes).")
+@click.option("-n", "num", type=int, default=256, show_default=True, callback=positive, help="Samples per row (indices 0..n-1).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--teacher-steps", type=int, callback=positive, help="Teacher reference steps (default: the model's recipe); also passed to distillation.")
+@click.option("--batch-size", type=int, default=64, show_default=True, callback=positive)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (protocol and rows) instead of the table.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the rows as CSV.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also plot metric vs NFE (PNG; needs matplotlib).")
+@click.option("--data", type=click.Path(dir_okay=False), help="Clean data for jys (jsonl of token ids); countdown generates its own.")
+@click.option("--eval-model", help="Causal LM for generative perplexity of text models  [default: gpt2-large]")
+@click.option("--per-sample-ppl", is_flag=True, help="Show the per-sample perplexity (mean of exp(mean NLL)) in the table.")
+@click.option("--tune-n", type=int, callback=positive, help="Held-out samples for tuning euler-temp and power  [default: min(n, 128)]")
+@click.option("--no-teacher", is_flag=True, help="Leave out the teacher reference row.")
+@cache_dir_option
+@device_option
+@offline_option
+def compare(model_name, nfes, samplers, num, seed, teacher_steps, batch_size, as_json, csv_path, plot_path, data,
+            eval_model, per_sample_ppl, tune_n, no_teacher, cache_dir, device, offline):
+    """Compare samplers x NFE on one model from the same seeds; a table (or --json) on stdout."""
+    import json
+
+    from lsdtool import compare as cmp
+    from lsdtool import console, generation, models
+
+    names = cmp.parse_samplers(samplers)
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.ClickException("--plot needs matplotlib: pip install 'lsdtool[plot]'") from None
+    dev = generation.pick_device(device)
+    model = models.load(model_name, device=dev, offline=offline)
+    local_only = True if offline else None
+    evaluator = cmp.make_evaluator(model, eval_model, dev, local_files_only=local_only)
+    with console.progress() as bar:
+        task = bar.add_task("compare", total=1)
+
+        def progress(description, total):
+            bar.reset(task, total=total, description=description)
+            return lambda k=1: bar.advance(task, k)
+
+        result = cmp.run(model, names, nfes, n=num, seed=seed, teacher_steps=teacher_steps, batch_size=batch_size,
+                         device=dev, evaluator=evaluator, cache_dir=cache_dir, data=data, teacher=not no_teacher,
+                         tune_n=tune_n, progress=progress, log=console.log)
+    if csv_path:
+        _compare_csv(result, csv_path)
+    if plot_path:
+        _compare_plot(result, plot_path, per_sample_ppl)
+    if as_json:
+        click.echo(json.dumps(result.as_dict()))
+    else:
+        _compare_table(result, per_sample_ppl)
+
+
+def _compare_key(result, per_sample_ppl):
+    key = result.protocol["metric"]
+    return "gen_ppl_per_sample" if per_sample_ppl and key == "gen_ppl" else key
+
+
+def _compare_table(result, per_sample_ppl=False):
+    from rich.console import Console
+    from rich.table import Table
+
+    from lsdtool.compare import se_text
+
+    key = _compare_key(result, per_sample_ppl)
+    p = result.protocol
+    nfes = p["nfe"]
+    teacher = [r for r in result.rows if r.sampler == "teacher"]
+    label = {"error": "countdown error (JYS)", "gen_ppl": f"gen. perplexity ({p['eval_model']})",
+             "gen_ppl_per_sample": f"per-sample gen. perplexity ({p['eval_model']})"}[key]
+    table = Table(title=f"{p['model']}: {label} ± s.e. over n = {p['n']} samples, seed {p['seed']}; time per sample",
+                  title_justify="left")
+    table.add_column("sampler")
+    for k in nfes:
+        table.add_column(f"NFE {k}", justify="right")
+    if teacher:
+        table.add_column(f"teacher ({teacher[0].nfe})", justify="right")
+
+    def cell(r):
+        m = r.metrics
+        text = se_text(m[key], m.get(f"{key}_se", 0.0))
+        if "entropy" in m:
+            text += f"\nH {m['entropy']:.3f}"
+        ms = r.seconds_per_sample * 1000
+        return text + (f"\n{ms:.1f} ms" if ms < 1000 else f"\n{ms / 1000:.2f} s")
+
+    seen = []
+    for r in result.rows:
+        if r.sampler != "teacher" and r.sampler not in seen:
+            seen.append(r.sampler)
+    for name in seen:
+        by_nfe = {r.nfe: r for r in result.rows if r.sampler == name}
+        extra = [""] if teacher else []
+        table.add_row(name, *[cell(by_nfe[k]) if k in by_nfe else "–" for k in nfes], *extra)
+    if teacher:
+        table.add_row("teacher (euler)", *["" for _ in nfes], cell(teacher[0]))
+    console = Console()
+    console.print(table)
+    for i, note in enumerate(result.notes, 1):
+        console.print(f"[{i}] {note}", highlight=False, soft_wrap=True)
+    tuned = [(r.sampler, r.nfe, r.details) for r in result.rows if any(k.startswith("tuned_") for k in r.details)]
+    for name, k, d in tuned:
+        value = next(v for kk, v in d.items() if kk.startswith("tuned_"))
+        console.print(f"{name} NFE {k}: {next(kk for kk in d if kk.startswith('tuned_'))[6:]} = {value:g}", highlight=False)
+
+
+def _compare_csv(result, path):
+    import csv
+
+    keys = []
+    for r in result.rows:
+        keys += [k for k in r.metrics if k not in keys]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["sampler", "steps", "nfe", "seconds_per_sample", *keys])
+        for r in result.rows:
+            w.writerow([r.sampler, r.steps, r.nfe, f"{r.seconds_per_sample:.6g}", *[r.metrics.get(k, "") for k in keys]])
+    os.replace(tmp, path)
+
+
+def _compare_plot(result, path, per_sample_ppl=False):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = _compare_key(result, per_sample_ppl)
+    p = result.protocol
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    names = []
+    for r in result.rows:
+        if r.sampler != "teacher" and r.sampler not in names:
+            names.append(r.sampler)
+    for name in names:
+        rows = sorted((r for r in result.rows if r.sampler == name), key=lambda r: r.nfe)
+        ax.errorbar([r.nfe for r in rows], [r.metrics[key] for r in rows], yerr=[r.metrics.get(f"{key}_se", 0) for r in rows],
+                    marker="o", ms=4, capsize=3, label=name)
+    for r in result.rows:
+        if r.sampler == "teacher":
+            ax.axhline(r.metrics[key], color="0.4", ls="--", lw=1, label=f"teacher ({r.nfe} steps)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(p["nfe"], [str(k) for k in p["nfe"]])
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE (model calls per sample)")
+    ax.set_ylabel({"error": "countdown error (JYS)", "gen_ppl": "generative perplexity",
+                   "gen_ppl_per_sample": "per-sample generative perplexity"}[key])
+    ax.set_title(f"{p['model']}, n = {p['n']}, seed {p['seed']} (± s.e.)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ SCHEMA: dict[str, tuple[type, object, tuple | None, str]] = {
     "teacher_steps": (int, 1024, None, "teacher steps N"),
     "samples": (int, 256, None, "teacher trajectories used for fitting"),
     "batch": (int, 64, None, "trajectories per rollout batch"),
-    "iters": (int, 100, None, "optimiser iterations"),
+    "iters": (int, 20, None, "optimiser iterations"),
     "lr": (float, 0.05, None, "optimiser learning rate"),
     "seed": (int, 0, None, "seed of the teacher start states and perturbations"),
     "candidates": (int, 128, None, "teacher-path: candidate boundaries for the schedule DP"),

@@ -160,3 +160,21 @@ def test_impossible_step_counts_are_refused(tmp_path):
     assert r.exit_code == 2 and r.stdout == ""
     r = run("distill", "--model", "countdown", "--steps", "64", "--teacher-steps", "32", "--cache-dir", tmp_path)
     assert r.exit_code == 1 and "teacher_steps" in r.stderr
+
+
+@pytest.mark.parametrize("fixture", ["sedd-tiny-absorb", "sedd-tiny-uniform"])
+def test_distill_and_sample_on_a_sedd_checkpoint_directory(tmp_path, fixture):
+    model_dir = os.path.join(os.path.dirname(__file__), "fixtures", fixture)
+    r = run("distill", "--model", model_dir, "--steps", "3", "--plus", "--teacher-steps", "12", "--samples", "4",
+            "--batch", "4", "--iters", "3", "--cache-dir", tmp_path)
+    assert r.exit_code == 0, r.output
+    path = r.stdout.strip().splitlines()[-1]
+    sampler, meta = artifacts.load(path)
+    assert meta["model"] == fixture and meta["graph"] in ("absorb", "uniform") and sampler.steps == 3
+    s = run("sample", "--sampler", path, "-n", "3", "--format", "jsonl")
+    rows = [json.loads(line) for line in s.stdout.splitlines()]
+    assert s.exit_code == 0 and len(rows) == 3 and all(len(row["tokens"]) == 24 for row in rows)
+    if meta["graph"] == "absorb":
+        assert all(max(row["tokens"]) < 64 for row in rows)
+    other = run("sample", "--sampler", path, "--model", "countdown", "-n", "1")
+    assert other.exit_code == 1 and "--force" in other.stderr

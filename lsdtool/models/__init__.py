@@ -31,6 +31,8 @@ def load(name_or_path: str, device=None, offline: bool | None = None) -> Diffusi
     else:
         known = ", ".join(REGISTRY)
         raise LsdError(f"unknown model {name_or_path!r}: use one of {known}, a hub id or a local directory")
+    # How to load this model again (an artifact records it, so `lsd sample --sampler` needs no --model).
+    model.source = os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
     return model.to(device or "cpu")
 
 
