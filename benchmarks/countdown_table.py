@@ -26,6 +26,7 @@ def variants():
             yield f"{'lsd+' if plus else 'lsd'}:teacher-path:{mode}", dict(plus=plus, mode=mode, objective="teacher-path")
             yield f"{'lsd+' if plus else 'lsd'}:paper:{mode}", dict(plus=plus, mode=mode, objective="paper", relax=True)
             yield f"{'lsd+' if plus else 'lsd'}:paper-norelax:{mode}", dict(plus=plus, mode=mode, objective="paper", relax=False)
+            yield f"{'lsd+' if plus else 'lsd'}:paper-uniformfill:{mode}", dict(plus=plus, mode=mode, objective="paper", fill="uniform")
 
 
 def evaluate(model, sampler, n, seeds, batch=512):

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 from lsdtool.errors import LsdError
-from lsdtool.samplers import Sampler
 
 FORMAT = "lsd.sampler"
 FORMAT_VERSION = "1"
@@ -19,7 +18,7 @@ REQUIRED = ("format", "format_version", "model", "model_fingerprint", "graph", "
             "steps", "plus", "teacher_steps", "seed", "recipe", "fit", "lsdtool_version", "created")
 
 
-def metadata(model, sampler: Sampler, recipe: dict, recipe_toml: str, fit: dict) -> dict[str, str]:
+def metadata(model, sampler, recipe: dict, recipe_toml: str, fit: dict) -> dict[str, str]:
     """The metadata block of an artifact distilled for ``model`` with the effective ``recipe``."""
     from lsdtool import __version__
 
@@ -45,7 +44,7 @@ def metadata(model, sampler: Sampler, recipe: dict, recipe_toml: str, fit: dict)
     }
 
 
-def save(path: str | Path, sampler: Sampler, meta: dict[str, str]) -> Path:
+def save(path: str | Path, sampler, meta: dict[str, str]) -> Path:
     """Write atomically: a temp file in the same directory, fsync, then ``os.replace``."""
     from safetensors.torch import save_file
 
@@ -67,43 +66,90 @@ def save(path: str | Path, sampler: Sampler, meta: dict[str, str]) -> Path:
     return path
 
 
-def load(path: str | Path) -> tuple[Sampler, dict[str, str]]:
-    """Read and validate an artifact; every problem is one LsdError naming the file."""
-    from safetensors import SafetensorError, safe_open
-
+def read(path: str | Path) -> tuple[dict[str, str], list[float], list[float]]:
+    """Metadata, timesteps and coeffs of an artifact, read and validated in pure Python (no torch):
+    a cache hit is answered from this alone. Every problem is one LsdError naming the file."""
     path = Path(path)
     if not path.exists():
         raise LsdError(f"sampler artifact {path} does not exist")
     if path.is_dir():
         raise LsdError(f"sampler artifact {path} is a directory, not a .safetensors file")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            keys = set(f.keys())
-            tensors = {k: f.get_tensor(k) for k in ("timesteps", "coeffs") if k in keys}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise LsdError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise LsdError(f"cannot read sampler artifact {path} ({exc.strerror})") from None
+    try:
+        (size,) = struct.unpack("<Q", raw[:8])
+        if size > len(raw) - 8:
+            raise ValueError("header runs past the end of the file")
+        header = json.loads(raw[8 : 8 + size])
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise LsdError(f"{path} is not a readable safetensors file ({exc})") from None
+    meta = header.pop("__metadata__", None) or {}
     if meta.get("format") != FORMAT:
         raise LsdError(f"{path} is not an lsd sampler artifact (format {meta.get('format')!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise LsdError(f"{path} has format_version {meta.get('format_version')!r}; this lsd reads {FORMAT_VERSION}")
-    missing = [k for k in REQUIRED if k not in meta] + [k for k in ("timesteps", "coeffs") if k not in tensors]
+    missing = [k for k in REQUIRED if k not in meta] + [k for k in ("timesteps", "coeffs") if k not in header]
     if missing:
         raise LsdError(f"{path} lacks {', '.join(missing)}")
+    values = {}
+    for name in ("timesteps", "coeffs"):
+        entry = header[name]
+        try:
+            begin, end = entry["data_offsets"]
+            (n,) = entry["shape"]
+            ok = entry["dtype"] == "F64" and end - begin == 8 * n and 8 + size + end <= len(raw)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise LsdError(f"{path}: tensor {name} is not a float64 vector inside the file")
+        values[name] = list(struct.unpack(f"<{n}d", raw[8 + size + begin : 8 + size + end]))
     try:
         json.loads(meta["fit"])
         steps = int(meta["steps"])
     except ValueError:
         raise LsdError(f"{path} has malformed metadata (steps or fit)") from None
-    sampler = Sampler(tensors["timesteps"].double(), tensors["coeffs"].double(), meta["base"], meta["mode"],
-                      meta.get("denoise") == "true", meta=dict(meta))
-    try:
-        sampler.check()
-    except ValueError as exc:
-        raise LsdError(f"{path}: {exc}") from None
-    if sampler.steps != steps:
-        raise LsdError(f"{path}: metadata says {steps} steps but holds {sampler.steps} coefficients")
+    ts, cs = values["timesteps"], values["coeffs"]
+    problem = grid_problem(ts, cs, meta["base"], meta["mode"])
+    if problem:
+        raise LsdError(f"{path}: {problem}")
+    if len(cs) != steps:
+        raise LsdError(f"{path}: metadata says {steps} steps but holds {len(cs)} coefficients")
+    return dict(meta), ts, cs
+
+
+def load(path: str | Path):
+    """(Sampler, metadata) of a validated artifact."""
+    import torch
+
+    from lsdtool.samplers import Sampler
+
+    meta, ts, cs = read(path)
+    sampler = Sampler(torch.tensor(ts, dtype=torch.float64), torch.tensor(cs, dtype=torch.float64), meta["base"],
+                      meta["mode"], meta.get("denoise") == "true", meta=meta)
     return sampler, meta
+
+
+def grid_problem(ts: list[float], cs: list[float], base: str, mode: str, bases=("euler", "tweedie")) -> str | None:
+    """What is wrong with a sampler grid and its coefficients, or None (shared with Sampler.check)."""
+    if base not in bases:
+        return f"unknown base {base!r} (expected one of {', '.join(bases)})"
+    if mode not in ("score", "temperature"):
+        return f"unknown mode {mode!r} (expected score or temperature)"
+    if len(cs) < 1 or len(ts) != len(cs) + 1:
+        return f"timesteps ({len(ts)}) and coeffs ({len(cs)}) do not match (need M+1 and M, M >= 1)"
+    if not all(math.isfinite(v) for v in ts + cs):
+        return "timesteps or coeffs contain NaN or inf"
+    if not all(b < a for a, b in zip(ts, ts[1:])):
+        return "timesteps are not strictly decreasing"
+    if ts[-1] <= 0 or ts[0] > 1:
+        return f"timesteps must lie in (0, 1], got {ts[0]:g} .. {ts[-1]:g}"
+    if mode == "score" and not all(c > 0 for c in cs):
+        return "score-mode coefficients must be positive"
+    return None
 
 
 def check_model(meta: dict[str, str], model, path, force: bool = False) -> None:

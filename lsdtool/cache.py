@@ -27,18 +27,33 @@ def key(fingerprint: str, recipe_toml: str) -> str:
     return hashlib.sha256(f"{fingerprint}\n{recipe_toml}".encode()).hexdigest()[:16]
 
 
-def artifact_path(model, recipe: dict, root: Path) -> Path:
+def artifact_path(name: str, fingerprint: str, recipe: dict, root: Path) -> Path:
     """<root>/<model>/<model>-<lsd|lsd+>-<steps>-<key>.safetensors"""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.name)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
     kind = "lsd+" if recipe["plus"] else "lsd"
-    return root / name / f"{name}-{kind}-{recipe['steps']}-{key(model.fingerprint, recipes.to_toml(recipe))}.safetensors"
+    return root / safe / f"{safe}-{kind}-{recipe['steps']}-{key(fingerprint, recipes.to_toml(recipe))}.safetensors"
+
+
+def lookup(model_name: str, overrides: dict | None = None, *, cache_dir=None, recipe_file: str | None = None,
+           offline: bool | None = None) -> Path | None:
+    """The cached artifact for a model and recipe, found without loading the model (or torch); None on a miss."""
+    from lsdtool.models import identify
+
+    name, fingerprint = identify(model_name, offline)
+    recipe = recipes.effective(name, recipe_file, overrides)
+    path = artifact_path(name, fingerprint, recipe, globals()["cache_dir"](cache_dir))
+    try:
+        meta, _, _ = artifacts.read(path)
+    except LsdError:
+        return None
+    return path if meta["model_fingerprint"] == fingerprint else None
 
 
 def obtain(model, overrides: dict | None = None, *, cache_dir=None, refit: bool = False, device=None,
            quiet: bool = False, recipe_file: str | None = None):
     """(path, Sampler) of the artifact for ``model`` and the effective recipe, distilling it on a miss."""
     recipe = recipes.effective(model.name, recipe_file, overrides)
-    path = artifact_path(model, recipe, globals()["cache_dir"](cache_dir))
+    path = artifact_path(model.name, model.fingerprint, recipe, globals()["cache_dir"](cache_dir))
     if path.exists() and not refit:
         try:
             sampler, _ = artifacts.load(path)

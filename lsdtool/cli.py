@@ -192,25 +192,26 @@ def distill(model_name, steps, plus, base, mode, objective, teacher_steps, sampl
     """Distil a few-step sampler; prints the artifact path as the last line of stdout."""
     import json
     import shutil
-    import time
 
-    from lsdtool import artifacts, cache, generation, models
+    from lsdtool import artifacts, cache
     from lsdtool.console import log
 
-    dev = generation.pick_device(device)
-    model = models.load(model_name, device=dev, offline=offline)
     overrides = dict(steps=steps, plus=plus, base=base, mode=mode, objective=objective, teacher_steps=teacher_steps,
                      samples=samples, iters=iters, batch=batch, lr=lr, seed=seed)
-    start = time.time()
-    path, sampler = cache.obtain(model, overrides, cache_dir=cache_dir, refit=refit, device=dev, recipe_file=recipe_file)
-    _, meta = artifacts.load(path)
-    fit = json.loads(meta["fit"])
-    if time.time() - start < 1.0 and not refit:
+    path = None if refit else cache.lookup(model_name, overrides, cache_dir=cache_dir, recipe_file=recipe_file, offline=offline)
+    if path is not None:  # answered without loading the model or torch
         log(f"cache hit: {path}")
-    elif fit.get("loss_before") is not None:
-        before, after = fit.get("loss_before") or [], fit.get("loss_after") or []
-        log(f"fitted in {fit.get('seconds', 0):.1f}s on {fit.get('device')}: {fit.get('loss', 'loss')} "
-            f"{sum(before):.4g} -> {sum(after):.4g}")
+    else:
+        from lsdtool import generation, models
+
+        dev = generation.pick_device(device)
+        model = models.load(model_name, device=dev, offline=offline)
+        path, _ = cache.obtain(model, overrides, cache_dir=cache_dir, refit=refit, device=dev, recipe_file=recipe_file)
+        fit = json.loads(artifacts.read(path)[0]["fit"])
+        if fit.get("loss_before") is not None:
+            before, after = fit.get("loss_before") or [], fit.get("loss_after") or []
+            log(f"fitted in {fit.get('seconds', 0):.1f}s on {fit.get('device')}: {fit.get('loss', 'loss')} "
+                f"{sum(before):.4g} -> {sum(after):.4g}")
     if out:
         tmp = f"{out}.tmp"
         shutil.copyfile(path, tmp)
@@ -352,11 +353,12 @@ def _nfe_list(ctx, param, value):
 @click.option("--per-sample-ppl", is_flag=True, help="Show the per-sample perplexity (mean of exp(mean NLL)) in the table.")
 @click.option("--tune-n", type=int, callback=positive, help="Held-out samples for tuning euler-temp and power  [default: min(n, 128)]")
 @click.option("--no-teacher", is_flag=True, help="Leave out the teacher reference row.")
+@click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False), help="TOML recipe for the lsd rows (default: the shipped one).")
 @cache_dir_option
 @device_option
 @offline_option
 def compare(model_name, nfes, samplers, num, seed, teacher_steps, batch_size, as_json, csv_path, plot_path, data,
-            eval_model, per_sample_ppl, tune_n, no_teacher, cache_dir, device, offline):
+            eval_model, per_sample_ppl, tune_n, no_teacher, recipe_file, cache_dir, device, offline):
     """Compare samplers x NFE on one model from the same seeds; a table (or --json) on stdout."""
     import json
 
@@ -382,7 +384,7 @@ def compare(model_name, nfes, samplers, num, seed, teacher_steps, batch_size, as
 
         result = cmp.run(model, names, nfes, n=num, seed=seed, teacher_steps=teacher_steps, batch_size=batch_size,
                          device=dev, evaluator=evaluator, cache_dir=cache_dir, data=data, teacher=not no_teacher,
-                         tune_n=tune_n, progress=progress, log=console.log)
+                         tune_n=tune_n, recipe_file=recipe_file, progress=progress, log=console.log)
     if csv_path:
         _compare_csv(result, csv_path)
     if plot_path:

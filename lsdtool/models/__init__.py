@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 from lsdtool.errors import LsdError
-from lsdtool.models.base import DiffusionModel
 
 # Short names users type -> Hugging Face hub ids ("countdown" is embedded and needs no download).
 REGISTRY: dict[str, str | None] = {
@@ -29,8 +28,7 @@ def load(name_or_path: str, device=None, offline: bool | None = None) -> Diffusi
 
         model = load_pretrained(name_or_path, offline=offline)
     else:
-        known = ", ".join(REGISTRY)
-        raise LsdError(f"unknown model {name_or_path!r}: use one of {known}, a hub id or a local directory")
+        identify(name_or_path)  # raises the one "unknown model" error
     # How to load this model again (an artifact records it, so `lsd sample --sampler` needs no --model).
     model.source = os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
     return model.to(device or "cpu")
@@ -41,9 +39,31 @@ def availability(name: str) -> tuple[str, bool]:
     hub_id = REGISTRY[name]
     if hub_id is None:
         return "embedded", True
-    from lsdtool.models.pretrained import cached_locally
+    from lsdtool.models.locate import cached_locally
 
     return hub_id, cached_locally(hub_id)
 
 
-__all__ = ["DiffusionModel", "REGISTRY", "availability", "load"]
+def identify(name_or_path: str, offline: bool | None = None) -> tuple[str, str]:
+    """(name, fingerprint) of a model without loading it or importing torch."""
+    if name_or_path == "countdown":
+        from lsdtool.models.countdown_id import FINGERPRINT
+
+        return "countdown", FINGERPRINT
+    if name_or_path in REGISTRY or os.path.isdir(name_or_path) or "/" in name_or_path:
+        from lsdtool.models.locate import locate
+
+        found = locate(name_or_path, offline)
+        return found.name, found.fingerprint
+    raise LsdError(f"unknown model {name_or_path!r}: use one of {', '.join(REGISTRY)}, a hub id or a local directory")
+
+
+def __getattr__(name):
+    if name == "DiffusionModel":
+        from lsdtool.models.base import DiffusionModel
+
+        return DiffusionModel
+    raise AttributeError(name)
+
+
+__all__ = ["DiffusionModel", "REGISTRY", "availability", "identify", "load"]

@@ -7,16 +7,14 @@ in O(L V^2). The concrete score at a masked slot is p(y | unmasked) / expm1(sigm
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from lsdtool.diffusion import LogLinear
 from lsdtool.models.base import DiffusionModel
+from lsdtool.models.countdown_id import FINGERPRINT, LEAK
 
 N_VALUES = 32
 SEQ_LEN = 256
-LEAK = 1e-6  # keeps off-support inputs (impossible neighbours) at a valid distribution
 
 
 def generate(n: int, seq_len: int = SEQ_LEN, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -116,7 +114,7 @@ class CountdownModel(DiffusionModel):
         self.leak = leak
         self.posterior = ChainPosterior(SEQ_LEN, leak)
         self.noise = LogLinear(1e-3)
-        self.fingerprint = "countdown:v1:" + hashlib.sha256(f"leak={leak!r}".encode()).hexdigest()[:12]
+        self.fingerprint = FINGERPRINT if leak == LEAK else f"countdown:v1:exact-chain-leak-{leak:g}"
 
     @property
     def has_tokenizer(self) -> bool:

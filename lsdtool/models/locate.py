@@ -1,0 +1,208 @@
+"""Finding a checkpoint and naming it without loading it (and without importing torch).
+
+A model is a directory holding ``config.json`` and one weight file (``model.safetensors`` or
+``pytorch_model.bin``); hub ids resolve through the Hugging Face cache. The fingerprint is the hub
+revision, or a digest of the weight file (remembered per path, size and mtime so a repeated
+command does not hash a large file again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lsdtool.errors import LsdError
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclass
+class Located:
+    name: str  # short name (registry name, hub id or directory name)
+    config_path: Path
+    weight_path: Path
+    fingerprint: str
+
+
+def _env_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_cache() -> str:
+    """The hub cache directory as huggingface_hub would pick it now (HF_HUB_CACHE, HF_HOME/hub, default)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith(("/", ".", "~")) or os.path.exists(s) or (os.sep in s and not HUB_ID.fullmatch(s))
+
+
+def _not_cached(repo_id: str) -> LsdError:
+    return LsdError(f"{repo_id} is not in the Hugging Face cache ({_hub_cache()}); run `hf download {repo_id}` "
+                    "on a machine with network access, or pass a local directory")
+
+
+class _NotCached(Exception):
+    """The file is neither in the cache nor fetchable now (offline or hub unreachable)."""
+
+
+def _hub_file(repo_id: str, filename: str, offline: bool) -> str | None:
+    """Path of one file of a hub repo, downloading it unless offline; None if the repo lacks it."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return hf_hub_download(repo_id, filename, cache_dir=_hub_cache(), local_files_only=offline)
+    except LocalEntryNotFoundError:
+        raise _NotCached from None
+    except EntryNotFoundError:
+        return None
+    except RepositoryNotFoundError:
+        raise LsdError(f"{repo_id} is not a model repository on the Hugging Face hub (or it is private)") from None
+    except Exception as e:  # network and HTTP failures
+        raise LsdError(f"cannot fetch {repo_id} from the Hugging Face hub ({first_line(e)}); "
+                       f"run `hf download {repo_id}` on a machine with network access, or pass a local directory"
+                       ) from None
+
+
+def _hub_files(repo_id: str, offline: bool) -> tuple[Path, Path]:
+    """(config.json, weight file) of a hub repo, from the cache or (unless offline) the hub."""
+    try:
+        config = _hub_file(repo_id, "config.json", offline)
+    except _NotCached:
+        raise _not_cached(repo_id) from None
+    if config is None:
+        raise LsdError(f"hub repository {repo_id} has no config.json")
+    uncached = False
+    for fn in WEIGHT_FILES:
+        try:
+            weights = _hub_file(repo_id, fn, offline)
+        except _NotCached:
+            uncached = True
+            continue
+        if weights is not None:
+            return Path(config), Path(weights)
+    if uncached:
+        raise _not_cached(repo_id)
+    raise LsdError(f"hub repository {repo_id} holds neither {' nor '.join(WEIGHT_FILES)}")
+
+
+def cached_locally(hub_id: str) -> bool:
+    """Whether config and weights of ``hub_id`` are in the Hugging Face cache now (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(fn):
+        return isinstance(try_to_load_from_cache(hub_id, fn, cache_dir=_hub_cache()), str)
+
+    return cached("config.json") and any(cached(fn) for fn in WEIGHT_FILES)
+
+
+def _local_files(directory: Path) -> tuple[Path, Path]:
+    config = directory / "config.json"
+    if not config.is_file():
+        raise LsdError(f"model directory {directory} has no config.json")
+    for fn in WEIGHT_FILES:
+        if (directory / fn).is_file():
+            return config, directory / fn
+    raise LsdError(f"model directory {directory} holds neither {' nor '.join(WEIGHT_FILES)}")
+
+
+def first_line(e: Exception) -> str:
+    """The gist of an exception message: its first line, up to the first full stop."""
+    lines = str(e).strip().splitlines()
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(e).__name__
+
+
+def read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LsdError(f"cannot read {path}: {first_line(e)}") from None
+    if isinstance(config, dict) and set(config) == {"config"} and isinstance(config["config"], dict):
+        config = config["config"]  # PyTorchModelHubMixin's wrapping
+    if not isinstance(config, dict):
+        raise LsdError(f"{path} does not hold a JSON object")
+    return config
+
+
+def family_name(config: dict, path: Path) -> str:
+    """``mdlm`` (HF-style config), ``sedd`` (has a graph) or ``radd`` (tokens + model, no graph)."""
+    if config.get("model_type") == "mdlm" or "model_length" in config:
+        return "mdlm"
+    if "graph" in config:
+        return "sedd"
+    if "tokens" in config and "model" in config:
+        return "radd"
+    raise LsdError(f"{path} is not a SEDD, RADD or MDLM config")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def weight_digest(path: Path) -> str:
+    """file_digest, remembered in the lsd cache per (path, size, mtime)."""
+    from lsdtool.cache import cache_dir
+
+    st = path.stat()
+    memo_path = cache_dir() / "digests.json"
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if ident not in memo:
+        memo[ident] = file_digest(path)
+        try:
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(memo))
+            os.replace(tmp, memo_path)
+        except OSError:
+            pass  # a read-only cache only costs a re-hash next time
+    return memo[ident]
+
+
+def locate(name_or_path: str, offline: bool | None = None) -> Located:
+    """Resolve a registry name, hub id or local directory to its files, name and fingerprint."""
+    from lsdtool.models import REGISTRY
+
+    offline = _env_offline() if offline is None else bool(offline)
+    hub_id = None
+    if name_or_path in REGISTRY:
+        hub_id, name = REGISTRY[name_or_path], name_or_path
+        if hub_id is None:
+            raise LsdError(f"{name_or_path} is an embedded model, not a checkpoint")
+    elif os.path.isdir(os.path.expanduser(name_or_path)):
+        directory = Path(os.path.expanduser(name_or_path))
+        name = directory.resolve().name
+    elif _looks_like_path(name_or_path):
+        what = "is not a directory" if os.path.exists(os.path.expanduser(name_or_path)) else "does not exist"
+        raise LsdError(f"model directory {name_or_path} {what}")
+    elif HUB_ID.fullmatch(name_or_path):
+        hub_id = name_or_path
+        name = next((k for k, v in REGISTRY.items() if v == hub_id), hub_id)
+    else:
+        raise LsdError(f"unknown model {name_or_path!r}: use a registry name, a hub id (owner/name) or a directory")
+    config_path, weight_path = _hub_files(hub_id, offline) if hub_id else _local_files(directory)
+    family = family_name(read_config(config_path), config_path)
+    if hub_id:
+        fingerprint = f"hub:{hub_id}@{weight_path.parent.name}"
+    else:
+        fingerprint = f"{family}:sha256:{weight_digest(weight_path)}"
+    return Located(name, config_path, weight_path, fingerprint)
