@@ -15,6 +15,8 @@ STREAM_STEP = 0  # categorical draw of step k
 STREAM_START = 1  # uniform-graph start state
 STREAM_ORDER = 2  # position orderings (fixed-count sampler)
 STREAM_FIT = 3  # distillation perturbations
+STREAM_STAGE = 4  # second-stage draws of two-call-per-step rules (theta-trapezoidal)
+STREAM_DATA = 5  # forward-noising of clean data (Jump-Your-Steps KLUB)
 
 
 def _mix(h: torch.Tensor) -> torch.Tensor:

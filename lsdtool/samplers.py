@@ -5,6 +5,15 @@ categorical probabilities and draws from them:
 
 - ``euler``:   p = onehot(x) + (t - s) sigma'(t) R_hat(x, Phi s)
 - ``tweedie``: p = staggered(Phi s, dsigma) * transp_transition(x, dsigma), dsigma = sigma_bar(t) - sigma_bar(s)
+- ``count`` (absorb only): fixed-count random order; step k unmasks exactly n_k masked positions, chosen
+  uniformly by a per-sample random order, each drawn from the model's distribution with the mask column
+  dropped. n_k follows the masked fraction alpha(t) = 1 - e^{-sigma_bar(t)} of the grid with cumulative
+  rounding (:func:`count_schedule`), so the counts add up to the number of masked positions.
+- ``theta-trapezoidal`` (Ren et al. 2025, two model calls per step): stage 1 is an Euler (tau-leaping) step
+  t -> rho = t - theta (t - s) with the rates R at (x, t); stage 2 goes rho -> s from the stage-1 state x*
+  with the rates (alpha_1 R(x*, rho) - alpha_2 R(x, t))_+, alpha_1 = 1 / (2 theta (1 - theta)),
+  alpha_2 = ((1 - theta)^2 + theta^2) / (2 theta (1 - theta)). The two stages together integrate a rate
+  that is linear in time exactly (second order); with theta = 1/2 it is 2 R* - R over the second half.
 
 ``Phi`` is the step's coefficient: in ``score`` mode it multiplies the concrete score (LSD eq. 5),
 in ``temperature`` mode it multiplies the log score. The score at the current token stays 1 in
@@ -24,7 +33,9 @@ import torch.nn.functional as F
 from lsdtool import rng
 from lsdtool.diffusion import Graph, Noise, make_graph
 
-BASES = ("euler", "tweedie")
+BASES = ("euler", "tweedie", "count", "theta-trapezoidal")
+CALLS_PER_STEP = {"euler": 1, "tweedie": 1, "count": 1, "theta-trapezoidal": 2}  # model calls (NFE) per step
+THETA = 0.5  # theta of the theta-trapezoidal rule
 MODES = ("score", "temperature")
 DEFAULT_EPS = 1e-5
 _CHUNK_ELEMS = 1 << 24  # float64 elements per row chunk: bounds memory for V = 50k vocabularies
@@ -35,6 +46,17 @@ def uniform_grid(steps: int, t_max: float = 1.0, eps: float = DEFAULT_EPS) -> to
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     return torch.linspace(t_max, eps, steps + 1, dtype=torch.float64)
+
+
+def power_grid(steps: int, rho: float, t_max: float = 1.0, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """tau_k = eps + (t_max - eps) (1 - k/M)^rho: rho = 1 is :func:`uniform_grid`, rho > 1 takes big steps
+    early (high noise) and small ones near the end."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if not rho > 0:
+        raise ValueError(f"rho must be positive, got {rho}")
+    u = 1 - torch.arange(steps + 1, dtype=torch.float64) / steps
+    return eps + (t_max - eps) * u**rho
 
 
 @dataclass
@@ -59,25 +81,19 @@ class Sampler:
 
     @property
     def nfe(self) -> int:
-        return self.steps + int(self.denoise)
+        """Model calls: every step's calls (two for two-stage rules) plus the optional denoise call."""
+        return self.steps * CALLS_PER_STEP.get(self.base, 1) + int(self.denoise)
 
     def check(self) -> None:
         """Raise ValueError unless the grid and coefficients describe a valid sampler."""
+        from lsdtool.artifacts import grid_problem
+
         ts, cs = self.timesteps, self.coeffs
-        if self.base not in BASES:
-            raise ValueError(f"unknown base {self.base!r} (expected one of {', '.join(BASES)})")
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r} (expected one of {', '.join(MODES)})")
-        if ts.ndim != 1 or cs.ndim != 1 or ts.shape[0] != cs.shape[0] + 1 or cs.shape[0] < 1:
-            raise ValueError(f"timesteps {tuple(ts.shape)} and coeffs {tuple(cs.shape)} do not match (need M+1 and M, M >= 1)")
-        if not (torch.isfinite(ts).all() and torch.isfinite(cs).all()):
-            raise ValueError("timesteps or coeffs contain NaN or inf")
-        if not (ts[1:] < ts[:-1]).all():
-            raise ValueError("timesteps are not strictly decreasing")
-        if ts[-1] <= 0 or ts[0] > 1:
-            raise ValueError(f"timesteps must lie in (0, 1], got {ts[0].item():g} .. {ts[-1].item():g}")
-        if self.mode == "score" and not (cs > 0).all():
-            raise ValueError("score-mode coefficients must be positive")
+        if ts.ndim != 1 or cs.ndim != 1:
+            raise ValueError(f"timesteps {tuple(ts.shape)} and coeffs {tuple(cs.shape)} must be vectors")
+        problem = grid_problem(ts.tolist(), cs.tolist(), self.base, self.mode, BASES)
+        if problem:
+            raise ValueError(problem)
 
 
 def _as_rows(v, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -102,6 +118,19 @@ def _normalise(p: torch.Tensor) -> torch.Tensor:
     return p / p.sum(-1, keepdim=True).clamp_min(1e-300)
 
 
+def _masked_rows(noise: Noise, log_score, t, s, base, coeff, mode, final):
+    """Euler and Tweedie on masked rows of an absorbing model in closed form: p_y = c Phi s_y (y < M),
+    p_M = 1 - c sum_y Phi s_y, with c = (t - s) sigma'(t) (Euler) or e^{dsigma} - 1 (Tweedie). The
+    same numbers as the general rule without its one-hot and scatter passes over V."""
+    ls = log_score[:, :-1].to(torch.float64)
+    score = torch.exp(ls * coeff[:, None]) if mode == "temperature" else torch.exp(ls) * coeff[:, None]
+    if final:
+        return _normalise(score)
+    c = (t - s) * noise.rate(t) if base == "euler" else torch.expm1(noise.total(t) - noise.total(s))
+    jump = c[:, None] * score
+    return _normalise(torch.cat([jump, 1 - jump.sum(-1, keepdim=True)], -1))
+
+
 def step_rows(graph: Graph, noise: Noise, log_score, x, t, s, base="euler", coeff=1.0, mode="score", final=False):
     """Probabilities (R, V) float64 of one step t -> s for R rows: log_score (R, V), x/t/s/coeff (R,).
 
@@ -109,7 +138,15 @@ def step_rows(graph: Graph, noise: Noise, log_score, x, t, s, base="euler", coef
     """
     n = x.shape[0]
     t, s, coeff = _as_rows(t, n, x), _as_rows(s, n, x), _as_rows(coeff, n, x)
+    if graph.absorbing and base in ("euler", "tweedie") and bool((x == graph.vocab_size - 1).all()):
+        return _masked_rows(noise, log_score, t, s, base, coeff, mode, final)
     score = scaled_score(log_score, x, coeff, mode)
+    if base == "count":  # the model's distribution over real tokens (mask dropped): used on the chosen rows only
+        if not graph.absorbing:
+            raise ValueError("the count sampler needs an absorbing model")
+        masked = (x == graph.vocab_size - 1)[:, None]
+        stay = F.one_hot(x.clamp_max(graph.vocab_size - 2), graph.vocab_size - 1).to(torch.float64)
+        return _normalise(torch.where(masked, score[:, :-1], stay))
     if base == "euler":
         dt_rate = (t - s) * noise.rate(t)
         p = F.one_hot(x, graph.vocab_size).to(torch.float64) + dt_rate[:, None] * graph.reverse_rate(x, score)
@@ -130,6 +167,59 @@ def denoise_rows(graph: Graph, noise: Noise, log_score, x, t):
     score = scaled_score(log_score, x, torch.ones(n, dtype=torch.float64, device=x.device), "score")
     p = graph.staggered_score(score, sigma) * graph.transp_transition(x, sigma)
     return _normalise(p[:, :-1] if graph.absorbing else p)
+
+
+def trapezoidal_alphas(theta: float = THETA) -> tuple[float, float]:
+    """(alpha_1, alpha_2) of the theta-trapezoidal rule; alpha_1 - alpha_2 = 1 for every theta."""
+    if not 0 < theta < 1:
+        raise ValueError(f"theta must lie in (0, 1), got {theta}")
+    d = 2 * theta * (1 - theta)
+    return 1 / d, ((1 - theta) ** 2 + theta**2) / d
+
+
+def _jump_rates(graph: Graph, noise: Noise, log_score, x, t, coeff, mode) -> torch.Tensor:
+    """Off-diagonal reverse rates sigma'(t) Q^T(x, .) (Phi s) out of each row's token; 0 at the token itself."""
+    rate = graph.transp_rate(x) * scaled_score(log_score, x, coeff, mode)
+    return (noise.rate(t)[:, None] * rate).scatter(-1, x[:, None], 0.0)
+
+
+def trapezoidal_rows(graph: Graph, noise: Noise, log_score, x, log_score_start, x_start, t, rho, s,
+                     coeff=1.0, mode="score", final=False, theta: float = THETA):
+    """Stage 2 of the theta-trapezoidal rule, rho -> s, as (R, V) float64 probabilities.
+
+    ``log_score``/``x`` are the model's output and the token at the stage-1 state (time rho);
+    ``log_score_start``/``x_start`` those at the start of the step (time t). A jump to token y is
+    taken at rate (alpha_1 R(x*, rho)_y - alpha_2 R(x, t)_y)_+ for (1 - theta)(t - s); jumps are indexed
+    by (position, target token), and a target equal to the stage-1 token is no jump. Negative rates
+    are clamped to 0 (the positive part of the rule), then the row is clamped to a distribution.
+    """
+    n = x.shape[0]
+    t, rho, s, coeff = _as_rows(t, n, x), _as_rows(rho, n, x), _as_rows(s, n, x), _as_rows(coeff, n, x)
+    a1, a2 = trapezoidal_alphas(theta)
+    rate = a1 * _jump_rates(graph, noise, log_score, x, rho, coeff, mode)
+    rate = rate - a2 * _jump_rates(graph, noise, log_score_start, x_start, t, coeff, mode)
+    rate = rate.clamp_min(0.0).scatter(-1, x[:, None], 0.0)
+    h = ((1 - theta) * (t - s))[:, None]
+    p = h * rate
+    p = p.scatter(-1, x[:, None], 1 - p.sum(-1, keepdim=True))
+    if final and graph.absorbing:
+        p = p[:, :-1]
+    return _normalise(p)
+
+
+def count_schedule(noise: Noise, timesteps: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Masked positions left after each step of the count sampler: (B, M+1) long, column 0 = ``masked``.
+
+    The masked fraction alpha(t) = 1 - e^{-sigma_bar(t)} is rescaled to run from 1 at tau_0 to 0 at
+    tau_M; left_k = round(masked * alpha_k) (cumulative rounding), so step k unmasks
+    n_k = left_k - left_{k+1} positions and the n_k add up to ``masked``.
+    """
+    ts = timesteps.detach().to(torch.float64).cpu()
+    alpha = -torch.expm1(-noise.total(ts))
+    frac = ((alpha - alpha[-1]) / (alpha[0] - alpha[-1]).clamp_min(1e-300)).clamp(0.0, 1.0)
+    frac[0], frac[-1] = 1.0, 0.0
+    left = torch.round(masked.detach().cpu().to(torch.float64)[:, None] * frac[None, :]).long()
+    return left.cummin(-1).values.to(masked.device)
 
 
 def _graph(model) -> Graph:
@@ -188,13 +278,16 @@ class Step:
     log_score: torch.Tensor  # (B, L, V) at (x, t)
     x_next: torch.Tensor  # (B, L) after the step
     final: bool
+    stage: int = 0  # 0, or 1 for the second model call of a two-stage rule (theta-trapezoidal)
 
 
-def advance(model, rows_fn, log_score, x, draws, fixed=None, *args, **kw) -> torch.Tensor:
+def advance(model, rows_fn, log_score, x, draws, fixed=None, *args, row_inputs=(), **kw) -> torch.Tensor:
     """Draw new tokens at the rows that can move (and are not fixed); other rows keep their token.
 
-    ``draws`` = (seed, index (B,), step): the uniform of row (i, j) is a hash of
-    (seed, index[i], step, j), computed only for the rows that move.
+    ``draws`` = (seed, index (B,), step[, stream]): the uniform of row (i, j) is a hash of
+    (seed, stream, index[i], step, j) (stream defaults to ``rng.STREAM_STEP``), computed only for the
+    rows that move. ``row_inputs`` are further (B, L, ...) tensors whose moving rows are passed to
+    ``rows_fn`` right after the token rows (e.g. the start-of-step state of a two-stage rule).
     """
     graph = _graph(model)
     moving = graph.moving(x)
@@ -204,14 +297,17 @@ def advance(model, rows_fn, log_score, x, draws, fixed=None, *args, **kw) -> tor
     x_flat = x.reshape(-1).clone()
     if idx.numel() == 0:
         return x_flat.reshape(x.shape)
-    seed, index, step = draws
+    seed, index, step = draws[:3]
+    stream = draws[3] if len(draws) > 3 else rng.STREAM_STEP
     v, l = log_score.shape[-1], x.shape[1]
     ls_flat = log_score.reshape(-1, v)
+    extra_flat = [r.reshape(x_flat.shape[0], *r.shape[2:]) for r in row_inputs]
     chunk = max(1, _CHUNK_ELEMS // v)
     for start in range(0, idx.numel(), chunk):
         rows = idx[start : start + chunk]
-        probs = rows_fn(graph, model.noise, ls_flat[rows].detach(), x_flat[rows], *args, **kw)
-        u = rng.uniforms_at(seed, rng.STREAM_STEP, index[rows // l], step, rows % l)
+        extra = [r[rows].detach() for r in extra_flat]
+        probs = rows_fn(graph, model.noise, ls_flat[rows].detach(), x_flat[rows], *extra, *args, **kw)
+        u = rng.uniforms_at(seed, stream, index[rows // l], step, rows % l)
         x_flat[rows] = draw(probs, u)
     return x_flat.reshape(x.shape)
 
@@ -229,13 +325,45 @@ def iterate(model, sampler: Sampler, index: torch.Tensor, seed: int, x_init=None
     ts = sampler.timesteps if timesteps is None else timesteps
     coeffs = sampler.coeffs.detach().to(device=device, dtype=torch.float64)
     b, m = x.shape[0], sampler.steps
+    base = sampler.base
+    if base == "count":
+        if model.graph != "absorb":
+            raise ValueError(f"the count sampler needs an absorbing model; {getattr(model, 'name', 'this model')} is {model.graph}")
+        open_ = x == model.vocab_size - 1 if fixed is None else (x == model.vocab_size - 1) & ~fixed
+        left = count_schedule(model.noise, ts, open_.sum(-1))  # (B, M+1)
+        order = rng.uniforms(seed, rng.STREAM_ORDER, index, 0, x.shape[1])  # one random order per sample
+
+    def call(state, time):
+        with torch.set_grad_enabled(grad):
+            return model.log_score(state, time.to(device=device, dtype=torch.float32).expand(b))
+
     for k in range(m):
         t, s = ts[k], ts[k + 1]
         final = k == m - 1 and not sampler.denoise
-        with torch.set_grad_enabled(grad):
-            log_score = model.log_score(x, t.to(device=device, dtype=torch.float32).expand(b))
-        x_next = advance(model, step_rows, log_score, x, (seed, index, k), fixed, t.detach().double().to(device),
-                         s.detach().double().to(device), sampler.base, coeffs[k], sampler.mode, final)
+        t64, s64 = t.detach().double().to(device), s.detach().double().to(device)
+        log_score = call(x, t)
+        if base == "theta-trapezoidal":
+            rho = t - THETA * (t - s)
+            rho64 = rho.detach().double().to(device)
+            x_mid = advance(model, step_rows, log_score, x, (seed, index, k), fixed, t64, rho64, "euler",
+                            coeffs[k], sampler.mode, False)
+            yield Step(k, t, rho, x, log_score, x_mid, False, 0)
+            log_score_mid = call(x_mid, rho)
+            x_next = advance(model, trapezoidal_rows, log_score_mid, x_mid, (seed, index, k, rng.STREAM_STAGE), fixed,
+                             t64, rho64, s64, coeffs[k], sampler.mode, final, row_inputs=(log_score, x))
+            yield Step(k, rho, s, x_mid, log_score_mid, x_next, final, 1)
+            x = x_next
+            continue
+        if base == "count":  # move exactly the n_k masked positions that come first in the sample's order
+            still = x == model.vocab_size - 1 if fixed is None else (x == model.vocab_size - 1) & ~fixed
+            n_k = (still.sum(-1) - left[:, k + 1]).clamp_min(0)
+            rank = torch.where(still, order, 2.0).argsort(-1).argsort(-1)
+            hold = ~(still & (rank < n_k[:, None]))
+            x_next = advance(model, step_rows, log_score, x, (seed, index, k), hold if fixed is None else hold | fixed,
+                             t64, s64, "count", coeffs[k], sampler.mode, True)
+        else:
+            x_next = advance(model, step_rows, log_score, x, (seed, index, k), fixed, t64, s64, base, coeffs[k],
+                             sampler.mode, final)
         yield Step(k, t, s, x, log_score, x_next, final)
         x = x_next
     if sampler.denoise:

@@ -170,3 +170,25 @@ def test_fixed_positions_never_change():
     fixed[:, :4] = True
     out = sample(model, Sampler.plain(6), torch.arange(3), 0, x_init=x0, fixed=fixed)
     assert torch.equal(out[:, :4], x0[:, :4])
+
+
+@pytest.mark.parametrize("base", ["euler", "tweedie"])
+@pytest.mark.parametrize("mode", ["score", "temperature"])
+@pytest.mark.parametrize("final", [False, True])
+def test_masked_row_closed_form_equals_the_general_rule(base, mode, final):
+    from lsdtool.diffusion import make_graph
+    from lsdtool.samplers import step_rows
+
+    model, x, ls, t, s = random_case("absorb", seed=11)
+    masked = x == model.vocab_size - 1
+    rows_t = t[:, None].expand_as(x)[masked]
+    rows_s = s[:, None].expand_as(x)[masked]
+    coeff = torch.rand(int(masked.sum()), dtype=torch.float64) + 0.5
+    graph = make_graph("absorb", model.vocab_size)
+    fast = step_rows(graph, model.noise, ls[masked], x[masked], rows_t, rows_s, base, coeff, mode, final)
+    # one unmasked row in the batch sends every row through the general rule
+    mixed_x = torch.cat([x[masked], x[~masked][:1]])
+    mixed_ls = torch.cat([ls[masked], ls[~masked][:1]])
+    general = step_rows(graph, model.noise, mixed_ls, mixed_x, torch.cat([rows_t, rows_t[:1]]),
+                        torch.cat([rows_s, rows_s[:1]]), base, torch.cat([coeff, coeff[:1]]), mode, final)[:-1]
+    assert torch.allclose(fast, general, atol=1e-12, rtol=1e-10)
