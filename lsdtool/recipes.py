@@ -29,7 +29,7 @@ SCHEMA: dict[str, tuple[type, object, tuple | None, str]] = {
     "candidates": (int, 128, None, "teacher-path: candidate boundaries for the schedule DP"),
     "relax": (bool, True, None, "paper: start the student from a Hamming-perturbed teacher start"),
     "zeta": (float, 0.05, None, "paper: fraction of positions perturbed by the relaxation"),
-    "fill": (str, "teacher", ("teacher", "uniform"), "paper: tokens put at perturbed positions"),
+    "fill": (str, "uniform", ("teacher", "uniform"), "paper: tokens put at perturbed positions (uniform measured better)"),
     "distance": (str, "mse", ("mse",), "paper: score distance"),
 }
 POSITIVE = ("steps", "teacher_steps", "samples", "batch", "candidates")
