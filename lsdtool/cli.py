@@ -476,10 +476,12 @@ def _compare_plot(result, path, per_sample_ppl=False):
     for r in result.rows:
         if r.sampler != "teacher" and r.sampler not in names:
             names.append(r.sampler)
-    for name in names:
+    markers, styles = "osD^vP*Xh<>", ["-", "--", "-.", ":"]
+    for i, name in enumerate(names):  # distinct marker and dash per sampler: coinciding rows stay visible
         rows = sorted((r for r in result.rows if r.sampler == name), key=lambda r: r.nfe)
         ax.errorbar([r.nfe for r in rows], [r.metrics[key] for r in rows], yerr=[r.metrics.get(f"{key}_se", 0) for r in rows],
-                    marker="o", ms=4, capsize=3, label=name)
+                    marker=markers[i % len(markers)], ls=styles[i % len(styles)], ms=5, capsize=3, label=name,
+                    mfc="none" if i % 2 else None)
     for r in result.rows:
         if r.sampler == "teacher":
             ax.axhline(r.metrics[key], color="0.4", ls="--", lw=1, label=f"teacher ({r.nfe} steps)")
@@ -490,7 +492,7 @@ def _compare_plot(result, path, per_sample_ppl=False):
     ax.set_ylabel({"error": "countdown error (JYS)", "gen_ppl": "generative perplexity",
                    "gen_ppl_per_sample": "per-sample generative perplexity"}[key])
     ax.set_title(f"{p['model']}, n = {p['n']}, seed {p['seed']} (± s.e.)", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = f"{path}.tmp.png"

@@ -42,3 +42,96 @@ def countdown_error_reference(x) -> float:
                 prev = v
         total += wrong / len(row)
     return total / len(x)
+
+
+def countdown_error_rows(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample countdown figures (B,) float64: ``error``, ``break_rate`` and ``valid`` (0/1);
+    their means are :func:`countdown_errors`."""
+    x = x.long()
+    b, l = x.shape
+    breaks = torch.zeros_like(x, dtype=torch.bool)
+    breaks[:, 1:] = (x[:, :-1] != 0) & (x[:, 1:] != x[:, :-1] - 1)
+    pos = torch.arange(l, device=x.device).expand(b, l)
+    last_ok = torch.where(breaks, torch.zeros_like(pos), pos).cummax(-1).values
+    wrong = breaks & ((pos - last_ok) % 2 == 1)
+    return {
+        "error": wrong.sum(-1).double() / l,
+        "break_rate": breaks[:, 1:].sum(-1).double() / (l - 1),
+        "valid": (breaks.sum(-1) == 0).double(),
+    }
+
+
+def mean_se(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample standard deviation / sqrt(n); 0 for n < 2)."""
+    v = values.detach().double().reshape(-1)
+    n = v.numel()
+    if n == 0:
+        return float("nan"), float("nan")
+    se = (v.std(unbiased=True) / n**0.5).item() if n > 1 else 0.0
+    return v.mean().item(), se
+
+
+def unigram_entropy(x: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """Per-sample entropy (nats) of the empirical token distribution of each row: (B, L) -> (B,) float64."""
+    x = x.long()
+    v = int(vocab_size or int(x.max().item()) + 1)
+    counts = torch.zeros(x.shape[0], v, dtype=torch.float64, device=x.device)
+    counts.scatter_add_(1, x, torch.ones_like(x, dtype=torch.float64))
+    p = counts / x.shape[1]
+    return -(p * p.clamp_min(1e-300).log()).sum(-1)
+
+
+def load_eval_model(name: str, device="cpu", local_files_only: bool | None = None):
+    """A Hugging Face causal LM in float32 for generative perplexity (from the HF cache when offline)."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.path.isdir(name)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(name, local_files_only=local_files_only, torch_dtype=torch.float32)
+    except OSError as exc:
+        from lsdtool.errors import LsdError
+
+        where = "a local directory or the Hugging Face cache" if local_files_only else "the Hugging Face hub"
+        raise LsdError(f"cannot load evaluator {name!r} from {where}: download it first "
+                       f"(huggingface-cli download {name}) ({str(exc).splitlines()[0][:160]})") from None
+    return lm.to(device).eval()
+
+
+def sequence_nll(x: torch.Tensor, lm, batch_size: int = 8) -> torch.Tensor:
+    """Per-sample NLL (nats) of tokens 1..L-1 of each row under the causal LM ``lm``, scoring the ids
+    as they are (no retokenising, no BOS): (B, L) -> (B, L-1) float64."""
+    vocab = lm.get_output_embeddings().weight.shape[0] if lm.get_output_embeddings() is not None else lm.config.vocab_size
+    if int(x.max().item()) >= vocab:
+        from lsdtool.errors import LsdError
+
+        raise LsdError(f"sampled token id {int(x.max().item())} is outside the evaluator's vocabulary ({vocab})")
+    dev = next(lm.parameters()).device
+    out = []
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            ids = x[start : start + batch_size].long().to(dev)
+            logits = lm(input_ids=ids).logits[:, :-1].double()
+            nll = -torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            out.append(nll.cpu())
+    return torch.cat(out)
+
+
+def generative_perplexity(x: torch.Tensor, lm, batch_size: int = 8, vocab_size: int | None = None) -> dict[str, float]:
+    """Generative perplexity of samples x (B, L) under ``lm`` with the unigram entropy beside it.
+
+    ``gen_ppl`` = exp(mean NLL over all B (L-1) scored tokens); ``gen_ppl_per_sample`` = mean over samples
+    of exp(mean NLL of the sample); ``entropy`` = mean per-sample unigram entropy (nats). Standard errors
+    (``*_se``) are over samples (delta method for ``gen_ppl``).
+    """
+    import math
+
+    nll = sequence_nll(x, lm, batch_size)
+    per_sample = nll.mean(-1)  # every sample scores L-1 tokens, so the overall mean is the mean of these
+    m, se = mean_se(per_sample)
+    ps_mean, ps_se = mean_se(per_sample.exp())
+    ent, ent_se = mean_se(unigram_entropy(x, vocab_size))
+    return {"gen_ppl": math.exp(m), "gen_ppl_se": math.exp(m) * se, "nll": m, "nll_se": se,
+            "gen_ppl_per_sample": ps_mean, "gen_ppl_per_sample_se": ps_se, "entropy": ent, "entropy_se": ent_se}

@@ -9,11 +9,13 @@ categorical probabilities and draws from them:
   uniformly by a per-sample random order, each drawn from the model's distribution with the mask column
   dropped. n_k follows the masked fraction alpha(t) = 1 - e^{-sigma_bar(t)} of the grid with cumulative
   rounding (:func:`count_schedule`), so the counts add up to the number of masked positions.
-- ``theta-trapezoidal`` (Ren et al. 2025, two model calls per step): stage 1 is an Euler (tau-leaping) step
+- ``theta-trapezoidal`` (Ren et al. 2025, two model calls per step): stage 1 is a tau-leaping step
   t -> rho = t - theta (t - s) with the rates R at (x, t); stage 2 goes rho -> s from the stage-1 state x*
   with the rates (alpha_1 R(x*, rho) - alpha_2 R(x, t))_+, alpha_1 = 1 / (2 theta (1 - theta)),
   alpha_2 = ((1 - theta)^2 + theta^2) / (2 theta (1 - theta)). The two stages together integrate a rate
   that is linear in time exactly (second order); with theta = 1/2 it is 2 R* - R over the second half.
+  Both stages are Poisson (tau-leaping) steps: with intensities Lambda_y = h R_y a position jumps with
+  probability 1 - e^{-sum Lambda}, to y in proportion to Lambda_y (:func:`tau_leap_probs`).
 
 ``Phi`` is the step's coefficient: in ``score`` mode it multiplies the concrete score (LSD eq. 5),
 in ``temperature`` mode it multiplies the log score. The score at the current token stays 1 in
@@ -183,6 +185,27 @@ def _jump_rates(graph: Graph, noise: Noise, log_score, x, t, coeff, mode) -> tor
     return (noise.rate(t)[:, None] * rate).scatter(-1, x[:, None], 0.0)
 
 
+def tau_leap_probs(graph: Graph, intensity: torch.Tensor, x: torch.Tensor, final: bool = False) -> torch.Tensor:
+    """A Poisson (tau-leaping) step as (R, V) probabilities: ``intensity`` (R, V) holds the expected
+    number of jumps to each token over the step (>= 0, 0 at the current token). The row keeps its
+    token with probability e^{-sum}, else jumps to y in proportion to intensity_y (the first of the
+    Poisson events). ``final`` drops the mask column for absorb, so every remaining mask is filled."""
+    total = intensity.sum(-1, keepdim=True)
+    jump = -torch.expm1(-total) / total.clamp_min(1e-300)
+    p = (intensity * jump).scatter(-1, x[:, None], torch.exp(-total))
+    if final and graph.absorbing:
+        return _normalise(torch.where(total > 0, intensity, p)[:, :-1])
+    return _normalise(p)
+
+
+def tau_leap_rows(graph: Graph, noise: Noise, log_score, x, t, s, coeff=1.0, mode="score", final=False):
+    """Stage 1 of the theta-trapezoidal rule: a tau-leaping step t -> s with the rates of (x, t)."""
+    n = x.shape[0]
+    t, s, coeff = _as_rows(t, n, x), _as_rows(s, n, x), _as_rows(coeff, n, x)
+    rate = _jump_rates(graph, noise, log_score, x, t, coeff, mode)
+    return tau_leap_probs(graph, (t - s)[:, None] * rate, x, final)
+
+
 def trapezoidal_rows(graph: Graph, noise: Noise, log_score, x, log_score_start, x_start, t, rho, s,
                      coeff=1.0, mode="score", final=False, theta: float = THETA):
     """Stage 2 of the theta-trapezoidal rule, rho -> s, as (R, V) float64 probabilities.
@@ -191,7 +214,9 @@ def trapezoidal_rows(graph: Graph, noise: Noise, log_score, x, log_score_start, 
     ``log_score_start``/``x_start`` those at the start of the step (time t). A jump to token y is
     taken at rate (alpha_1 R(x*, rho)_y - alpha_2 R(x, t)_y)_+ for (1 - theta)(t - s); jumps are indexed
     by (position, target token), and a target equal to the stage-1 token is no jump. Negative rates
-    are clamped to 0 (the positive part of the rule), then the row is clamped to a distribution.
+    are clamped to 0 (the positive part of the rule); the step is a Poisson step (:func:`tau_leap_probs`).
+    For absorbing models a masked row is masked at both stages, so both rates leave the same state;
+    for uniform models a row that jumped in stage 1 subtracts the start token's rate to the same target.
     """
     n = x.shape[0]
     t, rho, s, coeff = _as_rows(t, n, x), _as_rows(rho, n, x), _as_rows(s, n, x), _as_rows(coeff, n, x)
@@ -199,12 +224,10 @@ def trapezoidal_rows(graph: Graph, noise: Noise, log_score, x, log_score_start, 
     rate = a1 * _jump_rates(graph, noise, log_score, x, rho, coeff, mode)
     rate = rate - a2 * _jump_rates(graph, noise, log_score_start, x_start, t, coeff, mode)
     rate = rate.clamp_min(0.0).scatter(-1, x[:, None], 0.0)
-    h = ((1 - theta) * (t - s))[:, None]
-    p = h * rate
-    p = p.scatter(-1, x[:, None], 1 - p.sum(-1, keepdim=True))
-    if final and graph.absorbing:
-        p = p[:, :-1]
-    return _normalise(p)
+    if final and graph.absorbing:  # every mask must be filled: where the rule leaves no rate, use R(x*, rho)
+        fallback = _jump_rates(graph, noise, log_score, x, rho, coeff, mode)
+        rate = torch.where(rate.sum(-1, keepdim=True) > 0, rate, fallback)
+    return tau_leap_probs(graph, ((1 - theta) * (t - s))[:, None] * rate, x, final)
 
 
 def count_schedule(noise: Noise, timesteps: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -345,7 +368,7 @@ def iterate(model, sampler: Sampler, index: torch.Tensor, seed: int, x_init=None
         if base == "theta-trapezoidal":
             rho = t - THETA * (t - s)
             rho64 = rho.detach().double().to(device)
-            x_mid = advance(model, step_rows, log_score, x, (seed, index, k), fixed, t64, rho64, "euler",
+            x_mid = advance(model, tau_leap_rows, log_score, x, (seed, index, k), fixed, t64, rho64,
                             coeffs[k], sampler.mode, False)
             yield Step(k, t, rho, x, log_score, x_mid, False, 0)
             log_score_mid = call(x_mid, rho)

@@ -1,0 +1,407 @@
+"""Samplers x NFE on one model, from the same start states and seeds: the rows behind ``lsd compare``.
+
+Every row samples indices 0..n-1 with one seed through the one engine loop, so row (sampler, NFE)
+holds exactly what ``lsd sample`` prints for the same sampler, seed and n. NFE counts every model
+call: a two-call-per-step rule (theta-trapezoidal) gets K/2 steps for NFE K and is skipped at odd K.
+
+Samplers (``--samplers`` names):
+- ``euler``, ``tweedie``: the plain rules on the uniform grid (identical for absorb + loglinear).
+- ``count``: fixed-count random order (absorbing models only).
+- ``theta-trapezoidal``: the second-order two-stage rule, theta = 1/2.
+- ``jys``: Euler on the Jump-Your-Steps grid (power-of-two steps; clean data needed, see :mod:`lsdtool.jys`).
+- ``euler-temp``: Euler with one global temperature (temperature mode, every Phi_k equal).
+- ``power``: Euler on the grid tau_k = eps + (1 - eps)(1 - k/M)^rho.
+- ``lsd``, ``lsd+`` and variants ``lsd+:paper``, ``lsd:temperature``, ``lsd+:paper:temperature``,
+  ``lsd:teacher-path``, ``lsd:tweedie`` ...: distilled samplers from the cache (distilled on a miss).
+The two controls' single scalar (temperature, rho) is picked from a fixed candidate list by the
+evaluation metric on a held-out seed (``tune_seed``, never the evaluation seed) with ``tune_n`` samples.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lsdtool.errors import LsdError
+from lsdtool.samplers import CALLS_PER_STEP, DEFAULT_EPS, Sampler, power_grid
+
+DEFAULT_SAMPLERS = ("euler", "tweedie", "lsd", "lsd+")
+PLAIN = ("euler", "tweedie", "count", "theta-trapezoidal")
+CONTROLS = ("euler-temp", "power")
+KNOWN = PLAIN + ("jys",) + CONTROLS + ("lsd", "lsd+")
+LSD_VARIANTS = {"paper": ("objective", "paper"), "teacher-path": ("objective", "teacher-path"),
+                "score": ("mode", "score"), "temperature": ("mode", "temperature"),
+                "euler": ("base", "euler"), "tweedie": ("base", "tweedie")}
+TEMPERATURES = (0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 2.5, 3.0)  # inverse temperatures Phi (> 1 sharpens)
+RHOS = (0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0)
+TUNE_SEED_OFFSET = 1_000_003
+JYS_SEED = 0  # clean data and forward-noise uniforms of the KLUB: fixed, so schedules are shared across --seed
+JYS_SRC_STEPS = 1024  # the fine grid JYS points are snapped to (as in the released code)
+
+
+@dataclass
+class Row:
+    sampler: str
+    steps: int
+    nfe: int
+    metrics: dict
+    seconds_per_sample: float
+    details: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        out = {"sampler": self.sampler, "steps": self.steps, "nfe": self.nfe, "metrics": self.metrics,
+               "seconds_per_sample": self.seconds_per_sample,
+               "seconds_per_nfe": self.seconds_per_sample / max(self.nfe, 1),
+               "samples_per_second": 1 / self.seconds_per_sample if self.seconds_per_sample > 0 else None}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+
+@dataclass
+class Comparison:
+    protocol: dict
+    rows: list[Row]
+    notes: list[str]
+    skipped: list[dict]
+
+    def as_dict(self) -> dict:
+        return {"protocol": self.protocol, "rows": [r.as_dict() for r in self.rows], "notes": self.notes,
+                "skipped": self.skipped}
+
+
+class Skip(Exception):
+    """This (sampler, NFE) cell has no sampler; the message says why."""
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+
+class CountdownEval:
+    """The three countdown figures with standard errors; ``error`` (JYS) is the headline."""
+
+    primary = "error"
+    name = "countdown-rule"
+    dtype = "int64"
+
+    def __call__(self, x: torch.Tensor) -> dict:
+        from lsdtool.metrics import countdown_error_rows, mean_se
+
+        out = {}
+        for key, values in countdown_error_rows(x).items():
+            out[key], out[f"{key}_se"] = mean_se(values)
+        return out
+
+
+class TextEval:
+    """Generative perplexity under a causal LM (float32, ids scored as sampled) with unigram entropy."""
+
+    primary = "gen_ppl"
+    dtype = "float32"
+
+    def __init__(self, name: str, device, vocab_size: int, batch_size: int = 8, local_files_only=None):
+        from lsdtool.metrics import load_eval_model
+
+        self.name, self.vocab_size, self.batch_size = name, vocab_size, batch_size
+        self.lm = load_eval_model(name, device, local_files_only)
+
+    def __call__(self, x: torch.Tensor) -> dict:
+        from lsdtool.metrics import generative_perplexity
+
+        return generative_perplexity(x, self.lm, self.batch_size, self.vocab_size)
+
+
+def make_evaluator(model, eval_model: str | None, device, batch_size: int = 8, local_files_only=None):
+    if model.name == "countdown" and not eval_model:
+        return CountdownEval()
+    return TextEval(eval_model or "gpt2-large", device, model.vocab_size, batch_size, local_files_only)
+
+
+# ---- sampler names ---------------------------------------------------------------------------------
+
+def parse_samplers(spec) -> list[str]:
+    """Comma-separated (or list of) sampler names, validated; order kept, duplicates dropped."""
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s and s.strip()]
+    out = []
+    for name in names:
+        head, *suffix = name.split(":")
+        if head not in KNOWN:
+            raise LsdError(f"unknown sampler {name!r}: use {', '.join(KNOWN)} (lsd/lsd+ take :paper, :teacher-path, "
+                           ":temperature, :score, :tweedie suffixes)")
+        if suffix and head not in ("lsd", "lsd+"):
+            raise LsdError(f"sampler {head!r} takes no ':' options ({name!r})")
+        bad = [s for s in suffix if s not in LSD_VARIANTS]
+        if bad:
+            raise LsdError(f"unknown option {bad[0]!r} in {name!r}: use {', '.join(LSD_VARIANTS)}")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise LsdError("no samplers given")
+    return out
+
+
+def lsd_overrides(name: str, steps: int, teacher_steps: int | None) -> dict:
+    """The recipe overrides of an ``lsd``/``lsd+`` row (suffixes set objective, mode, base)."""
+    head, *suffix = name.split(":")
+    over = {"steps": steps, "plus": head == "lsd+"}
+    for s in suffix:
+        key, value = LSD_VARIANTS[s]
+        over[key] = value
+    if teacher_steps is not None:
+        over["teacher_steps"] = teacher_steps
+    return over
+
+
+def steps_for(name: str, nfe: int) -> int:
+    """Steps that spend ``nfe`` model calls, or :class:`Skip`."""
+    calls = CALLS_PER_STEP["theta-trapezoidal"] if name == "theta-trapezoidal" else 1
+    if nfe % calls:
+        raise Skip(f"{name} makes {calls} model calls per step; NFE {nfe} is not a multiple of {calls}")
+    if name == "jys" and nfe & (nfe - 1):
+        raise Skip(f"jys schedules exist for power-of-two step counts; NFE {nfe} is not one")
+    return nfe // calls
+
+
+# ---- running ---------------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    model: object
+    n: int
+    seed: int
+    batch_size: int
+    device: torch.device
+    evaluator: object
+    cache_dir: str | None = None
+    teacher_steps: int | None = None  # explicit --teacher-steps (also passed to LSD recipes)
+    data: str | None = None
+    jys_samples: int = 256
+    tune_n: int = 128
+    progress: object = None  # callable(description, total) -> advance(k) callback, or None
+    log: object = None
+    quiet: bool = False
+    recipe_file: str | None = None
+
+    @property
+    def tune_seed(self) -> int:
+        return self.seed + TUNE_SEED_OFFSET
+
+
+def _progress(ctx: Context, description: str, total: int):
+    if ctx.progress is None:
+        return lambda k=1: None
+    return ctx.progress(description, total)
+
+
+def draw(ctx: Context, sampler: Sampler, n: int, seed: int, description: str = "") -> tuple[torch.Tensor, float]:
+    """Samples 0..n-1 for ``seed`` (CPU tokens) and the wall time spent sampling."""
+    from lsdtool.generation import batches
+
+    advance = _progress(ctx, description, n * sampler.nfe)
+    on_step = lambda step: advance(step.x.shape[0])  # noqa: E731
+    out = []
+    start = time.perf_counter()
+    for _, x in batches(ctx.model, sampler, list(range(n)), seed, ctx.batch_size, ctx.device, on_step):
+        out.append(x)
+    return torch.cat(out), time.perf_counter() - start
+
+
+def _tune(ctx: Context, candidates, make, label: str) -> tuple[float, dict]:
+    """The candidate whose sampler scores best on the held-out seed (ties: the first listed)."""
+    scores = {}
+    for c in candidates:
+        x, _ = draw(ctx, make(c), ctx.tune_n, ctx.tune_seed, f"tuning {label}={c:g}")
+        scores[c] = ctx.evaluator(x)[ctx.evaluator.primary]
+    best = min(candidates, key=lambda c: (scores[c], candidates.index(c)))
+    return best, {f"tuned_{label}": best, "tuning_scores": {f"{c:g}": scores[c] for c in candidates}}
+
+
+def build(ctx: Context, name: str, nfe: int, jys_cache: dict) -> tuple[Sampler, dict]:
+    """The engine sampler for one (name, NFE) cell and what the row should say about it."""
+    model = ctx.model
+    steps = steps_for(name, nfe)
+    head = name.split(":")[0]
+    if head in PLAIN:
+        if head == "count" and model.graph != "absorb":
+            raise Skip(f"count needs an absorbing model; {model.name} is {model.graph}")
+        return Sampler.plain(steps, base=head), {}
+    if head == "euler-temp":
+        def make(c):
+            return Sampler(Sampler.plain(steps).timesteps, torch.full((steps,), float(c), dtype=torch.float64), "euler", "temperature")
+        best, info = _tune(ctx, list(TEMPERATURES), make, "temperature")
+        return make(best), info
+    if head == "power":
+        def make(r):
+            return Sampler(power_grid(steps, r, eps=DEFAULT_EPS), torch.ones(steps, dtype=torch.float64), "euler", "score")
+        best, info = _tune(ctx, list(RHOS), make, "rho")
+        return make(best), info
+    if head == "jys":
+        if steps not in jys_cache:
+            from lsdtool import jys
+
+            if model.graph != "absorb":
+                raise Skip(f"jys is implemented for absorbing models; {model.name} is {model.graph}")
+            wanted = sorted(s for s in jys_cache.get("_wanted", [steps]) if s not in jys_cache)
+            found = jys.obtain(model, wanted, cache_dir=ctx.cache_dir, data=ctx.data, n=ctx.jys_samples,
+                               seed=JYS_SEED, src_steps=max(JYS_SRC_STEPS, max(wanted)), log=ctx.log,
+                               on_interval=_progress(ctx, "jys schedule search", max(wanted) - 1))
+            jys_cache.update(found)
+        path, sampler = jys_cache[steps]
+        return sampler, {"artifact": str(path)}
+    from lsdtool import cache
+
+    if model.graph != "absorb" and ":paper" in name:
+        raise Skip("the paper objective is implemented for absorbing models")
+    path, sampler = cache.obtain(model, lsd_overrides(name, steps, ctx.teacher_steps), cache_dir=ctx.cache_dir,
+                                 device=ctx.device, quiet=ctx.quiet, recipe_file=ctx.recipe_file)
+    if sampler.nfe != nfe:
+        raise Skip(f"{name} artifact {path} spends {sampler.nfe} model calls, not {nfe}")
+    return sampler, {"artifact": str(path)}
+
+
+def _log_row(ctx: Context, row: Row) -> None:
+    if ctx.log is None:
+        return
+    key = ctx.evaluator.primary
+    m = row.metrics
+    ctx.log(f"{row.sampler} NFE {row.nfe}: {key} {se_text(m[key], m.get(key + '_se', 0.0))}"
+            + (f", entropy {m['entropy']:.3f}" if "entropy" in m else "")
+            + f" ({row.seconds_per_sample * 1000:.1f} ms/sample{', cached' if row.details.get('cached') else ''})")
+
+
+def teacher_row(ctx: Context, steps: int) -> Row:
+    """The teacher reference row (Euler, ``steps`` steps). Its result is kept in the cache under
+    compare/, keyed by everything it depends on, so a second identical run does not sample it again;
+    such a row says ``details.cached`` and carries the timing of the run that measured it."""
+    import hashlib
+    import json
+    import os
+    import tempfile
+
+    from lsdtool import __version__
+    from lsdtool.cache import cache_dir as resolve
+
+    key_src = {"model": ctx.model.fingerprint, "steps": steps, "n": ctx.n, "seed": ctx.seed, "metric": ctx.evaluator.name,
+               "dtype": ctx.evaluator.dtype, "version": __version__, "row": 1}
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
+    path = resolve(ctx.cache_dir) / "compare" / f"teacher-{key}.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("key") == key_src:
+            return Row("teacher", steps, steps, saved["metrics"], saved["seconds_per_sample"],
+                       {"reference": True, "cached": str(path)})
+    except (OSError, ValueError, KeyError):
+        pass
+    sampler = Sampler.plain(steps, "euler")
+    x, seconds = draw(ctx, sampler, ctx.n, ctx.seed, f"teacher ({steps} steps)")
+    row = Row("teacher", steps, sampler.nfe, ctx.evaluator(x), seconds / ctx.n, {"reference": True})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".teacher.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"key": key_src, "metrics": row.metrics, "seconds_per_sample": row.seconds_per_sample}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the next run the teacher row
+    return row
+
+
+def teacher_steps_default(model, recipe_file: str | None = None) -> int:
+    """The teacher steps of the model's recipe (what its LSD artifacts were distilled from)."""
+    from lsdtool import recipes
+
+    return int(recipes.effective(model.name, recipe_file)["teacher_steps"])
+
+
+def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: int | None = None, batch_size: int = 64,
+        device=None, evaluator=None, cache_dir=None, data: str | None = None, teacher: bool = True,
+        tune_n: int | None = None, jys_samples: int = 256, recipe_file: str | None = None, progress=None, log=None,
+        quiet: bool = False) -> Comparison:
+    """Run every (sampler, NFE) cell plus the teacher reference row; returns rows (no rendering)."""
+    from lsdtool import __version__
+    from lsdtool.generation import pick_device
+
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    names = parse_samplers(samplers)
+    nfes = sorted({int(k) for k in nfes})
+    if not nfes or nfes[0] < 1:
+        raise LsdError("NFE values must be positive integers")
+    if n < 1:
+        raise LsdError("-n must be at least 1")
+    if any(name == "jys" for name in names) and not data and model.name != "countdown" and model.graph == "absorb":
+        raise LsdError(f"jys needs clean data for {model.name}: pass --data FILE (jsonl of token ids)")
+    evaluator = evaluator or make_evaluator(model, None, dev)
+    ctx = Context(model, n, seed, batch_size, dev, evaluator, cache_dir, teacher_steps, data, jys_samples,
+                  tune_n or min(n, 128), progress, log, quiet, recipe_file)
+    n_teacher = teacher_steps or teacher_steps_default(model, recipe_file)
+    rows, skipped, notes = [], [], []
+    jys_cache: dict = {"_wanted": [k for k in nfes if k & (k - 1) == 0]}
+    for name in names:
+        for nfe in nfes:
+            try:
+                sampler, details = build(ctx, name, nfe, jys_cache)
+            except Skip as why:
+                skipped.append({"sampler": name, "nfe": nfe, "reason": str(why)})
+                continue
+            x, seconds = draw(ctx, sampler, n, seed, f"{name} NFE {nfe}")
+            rows.append(Row(name, sampler.steps, sampler.nfe, evaluator(x), seconds / n, details))
+            _log_row(ctx, rows[-1])
+    if teacher:
+        rows.append(teacher_row(ctx, n_teacher))
+        _log_row(ctx, rows[-1])
+    notes += _notes(model, names, rows, skipped, ctx)
+    protocol = {
+        "model": model.name, "model_fingerprint": model.fingerprint, "graph": model.graph, "noise": model.noise.describe(),
+        "n": n, "seed": seed, "sample_indices": f"0..{n - 1}", "teacher_steps": n_teacher, "teacher_sampler": "euler",
+        "nfe": nfes, "samplers": names, "metric": evaluator.primary, "eval_model": evaluator.name,
+        "eval_dtype": evaluator.dtype, "device": str(dev), "batch_size": batch_size, "tune_seed": ctx.tune_seed,
+        "tune_n": ctx.tune_n, "lsdtool_version": __version__, "torch_version": torch.__version__,
+    }
+    if recipe_file:
+        protocol["recipe"] = str(recipe_file)
+    if isinstance(evaluator, TextEval):
+        import transformers
+
+        protocol["transformers_version"] = transformers.__version__
+        protocol["perplexity"] = "exp(mean NLL over all B*(L-1) tokens, ids scored as sampled, no BOS)"
+    if "jys" in names:
+        protocol["jys"] = {"data": data or "countdown.generate", "samples": jys_samples, "seed": JYS_SEED,
+                           "src_steps": max([JYS_SRC_STEPS, *nfes]), "klub": "released"}
+    return Comparison(protocol, rows, notes, skipped)
+
+
+def _notes(model, names, rows, skipped, ctx) -> list[str]:
+    notes = []
+    plain_heads = {n.split(":")[0] for n in names}
+    if {"euler", "tweedie"} <= plain_heads and model.graph == "absorb" and model.noise.name == "loglinear":
+        notes.append("tweedie ≡ euler for absorb + loglinear (identical step probabilities; the rows match up to "
+                     "floating-point ties)")
+    if "theta-trapezoidal" in plain_heads:
+        notes.append("theta-trapezoidal (θ = 1/2) makes 2 model calls per step: NFE K uses K/2 steps")
+    if "euler-temp" in plain_heads:
+        notes.append(f"euler-temp: one global inverse temperature Φ (temperature mode) picked from "
+                     f"{', '.join(map(str, TEMPERATURES))} by the metric on held-out seed {ctx.tune_seed} "
+                     f"(n = {ctx.tune_n}), never the evaluation seed")
+    if "power" in plain_heads:
+        notes.append(f"power: grid τ_k = ε + (1 − ε)(1 − k/M)^ρ, ρ picked from {', '.join(map(str, RHOS))} by the "
+                     f"metric on held-out seed {ctx.tune_seed} (n = {ctx.tune_n})")
+    if "jys" in plain_heads:
+        notes.append(f"jys: Euler on the Jump-Your-Steps grid (KLUB golden-section search on {ctx.jys_samples} clean "
+                     "samples, cached)")
+    if any(n.split(":")[0] in ("lsd", "lsd+") for n in names):
+        notes.append("lsd/lsd+: distilled artifacts from the cache (distilled on a miss) with the model's recipe")
+    for s in skipped:
+        notes.append(f"skipped {s['sampler']} at NFE {s['nfe']}: {s['reason']}")
+    return notes
+
+
+def se_text(value: float, se: float) -> str:
+    """'value ± se' with digits that fit the standard error."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    digits = 4 if not se or se <= 0 else max(1, min(6, 1 - int(math.floor(math.log10(se)))))
+    if abs(value) >= 100:
+        digits = min(digits, 1)
+    return f"{value:.{digits}f} ± {se:.{digits}f}"
