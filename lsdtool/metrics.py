@@ -6,13 +6,19 @@ import torch
 
 
 def countdown_errors(x: torch.Tensor) -> dict[str, float]:
-    """The three countdown figures for samples x (B, L).
+    """The three countdown figures for samples x (B, L), averaged over samples.
 
     ``error`` (JYS): walking left to right with prev = x[0], token j is wrong when prev != 0 and
     x[j] != prev - 1, and then prev resets to 0; mean over samples of wrong / L.
     ``break_rate``: fraction of transitions breaking the rule, without the reset.
     ``valid``: fraction of sequences with no break at all.
     """
+    return {k: v.mean().item() for k, v in countdown_error_rows(x).items()}
+
+
+def countdown_error_rows(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample countdown figures (B,) float64: ``error``, ``break_rate`` and ``valid`` (0/1);
+    their means are :func:`countdown_errors`."""
     x = x.long()
     b, l = x.shape
     breaks = torch.zeros_like(x, dtype=torch.bool)
@@ -23,9 +29,9 @@ def countdown_errors(x: torch.Tensor) -> dict[str, float]:
     last_ok = torch.where(breaks, torch.zeros_like(pos), pos).cummax(-1).values
     wrong = breaks & ((pos - last_ok) % 2 == 1)
     return {
-        "error": (wrong.sum(-1).double() / l).mean().item(),
-        "break_rate": (breaks[:, 1:].sum(-1).double() / (l - 1)).mean().item(),
-        "valid": (breaks.sum(-1) == 0).double().mean().item(),
+        "error": wrong.sum(-1).double() / l,
+        "break_rate": breaks[:, 1:].sum(-1).double() / (l - 1),
+        "valid": (breaks.sum(-1) == 0).double(),
     }
 
 
@@ -42,23 +48,6 @@ def countdown_error_reference(x) -> float:
                 prev = v
         total += wrong / len(row)
     return total / len(x)
-
-
-def countdown_error_rows(x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-sample countdown figures (B,) float64: ``error``, ``break_rate`` and ``valid`` (0/1);
-    their means are :func:`countdown_errors`."""
-    x = x.long()
-    b, l = x.shape
-    breaks = torch.zeros_like(x, dtype=torch.bool)
-    breaks[:, 1:] = (x[:, :-1] != 0) & (x[:, 1:] != x[:, :-1] - 1)
-    pos = torch.arange(l, device=x.device).expand(b, l)
-    last_ok = torch.where(breaks, torch.zeros_like(pos), pos).cummax(-1).values
-    wrong = breaks & ((pos - last_ok) % 2 == 1)
-    return {
-        "error": wrong.sum(-1).double() / l,
-        "break_rate": breaks[:, 1:].sum(-1).double() / (l - 1),
-        "valid": (breaks.sum(-1) == 0).double(),
-    }
 
 
 def mean_se(values: torch.Tensor) -> tuple[float, float]:
