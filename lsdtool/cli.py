@@ -414,7 +414,7 @@ def _compare_table(result, per_sample_ppl=False):
              "gen_ppl_per_sample": f"per-sample gen. perplexity ({p['eval_model']})"}[key]
     table = Table(title=f"{p['model']}: {label} ± s.e. over n = {p['n']} samples, seed {p['seed']}; time per sample",
                   title_justify="left")
-    table.add_column("sampler")
+    table.add_column("sampler", no_wrap=True)
     for k in nfes:
         table.add_column(f"NFE {k}", justify="right")
     if teacher:
@@ -439,6 +439,8 @@ def _compare_table(result, per_sample_ppl=False):
     if teacher:
         table.add_row("teacher (euler)", *["" for _ in nfes], cell(teacher[0]))
     console = Console()
+    if not console.is_terminal:  # a file or pipe gets the whole table, never wrapped cells
+        console = Console(width=max(100, 24 + 22 * (len(nfes) + 1)))
     console.print(table)
     for i, note in enumerate(result.notes, 1):
         console.print(f"[{i}] {note}", highlight=False, soft_wrap=True)
