@@ -22,6 +22,9 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
     return Path(platformdirs.user_cache_dir("lsd"))
 
 
+_root = cache_dir  # the functions below take a ``cache_dir`` argument that shadows the name
+
+
 def key(fingerprint: str, recipe_toml: str) -> str:
     """Hash of (model fingerprint, effective recipe)."""
     return hashlib.sha256(f"{fingerprint}\n{recipe_toml}".encode()).hexdigest()[:16]
@@ -41,7 +44,7 @@ def lookup(model_name: str, overrides: dict | None = None, *, cache_dir=None, re
 
     name, fingerprint = identify(model_name, offline)
     recipe = recipes.effective(name, recipe_file, overrides)
-    path = artifact_path(name, fingerprint, recipe, globals()["cache_dir"](cache_dir))
+    path = artifact_path(name, fingerprint, recipe, _root(cache_dir))
     try:
         meta, _, _ = artifacts.read(path)
     except LsdError:
@@ -53,7 +56,7 @@ def obtain(model, overrides: dict | None = None, *, cache_dir=None, refit: bool 
            quiet: bool = False, recipe_file: str | None = None):
     """(path, Sampler) of the artifact for ``model`` and the effective recipe, distilling it on a miss."""
     recipe = recipes.effective(model.name, recipe_file, overrides)
-    path = artifact_path(model.name, model.fingerprint, recipe, globals()["cache_dir"](cache_dir))
+    path = artifact_path(model.name, model.fingerprint, recipe, _root(cache_dir))
     if path.exists() and not refit:
         try:
             sampler, _ = artifacts.load(path)

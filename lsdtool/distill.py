@@ -74,16 +74,23 @@ class TeacherRollout:
         self.teacher = Sampler.plain(self.n_steps, base=recipe["base"])
         k = min(recipe["candidates"], self.n_steps)
         cands = torch.unique(torch.round(torch.linspace(0, self.n_steps, k + 1, dtype=torch.float64)).long())
-        for m in (recipe["steps"],):  # the uniform student grid must be reachable, so "before" is comparable
-            uniform = torch.round(torch.linspace(0, self.n_steps, m + 1, dtype=torch.float64)).long()
-            cands = torch.unique(torch.cat([cands, uniform]))
-        self.candidates = cands  # (K+1,) teacher step indices; the state at index c is the state before step c
+        # (K+1,) teacher step indices, the state at index c being the state before step c; the uniform
+        # student grid is among them, so "before" is measured on the same footing
+        self.candidates = torch.unique(torch.cat([cands, self._uniform_steps(recipe["steps"])]))
         self.times = self.teacher.timesteps[cands]  # (K+1,) float64
         self.absorbing = model.graph == "absorb"
         self.mass = self._mass_buffer() if collect_mass else None
         self._scores: dict[tuple, torch.Tensor] = {}
         self._score_bytes = 0
         self._run(recipe["batch"], quiet)
+
+    def _uniform_steps(self, steps: int) -> torch.Tensor:
+        """Teacher step indices of the uniform student grid with ``steps`` steps."""
+        return torch.round(torch.linspace(0, self.n_steps, steps + 1, dtype=torch.float64)).long()
+
+    def uniform_path(self, steps: int) -> list[int]:
+        """Candidate indices of the uniform student grid (it is always among the candidates)."""
+        return [int(torch.nonzero(self.candidates == c)) for c in self._uniform_steps(steps)]
 
     def _mass_buffer(self) -> torch.Tensor:
         """Teacher mass per candidate interval, sum over its teacher steps of (t - s) sigma'(t) s*(x*_t, t)
@@ -279,8 +286,7 @@ def fit_coeffs(rollout: TeacherRollout, path: list[int], recipe: dict, quiet: bo
 
 def fit_teacher_path(rollout: TeacherRollout, recipe: dict, quiet: bool) -> FitResult:
     steps, batch = recipe["steps"], recipe["batch"]
-    uniform = [int(torch.nonzero(rollout.candidates == c)) for c in
-               torch.round(torch.linspace(0, rollout.n_steps, steps + 1, dtype=torch.float64)).long()]
+    uniform = rollout.uniform_path(steps)
     fit: dict = {}
     path = uniform
     if recipe["plus"]:

@@ -400,7 +400,7 @@ def iterate(model, sampler: Sampler, index: torch.Tensor, seed: int, x_init=None
 def sample(model, sampler: Sampler, index: torch.Tensor, seed: int, x_init=None, fixed=None,
            callback: Callable[[Step], None] | None = None) -> torch.Tensor:
     """Final tokens (B, L) of the samples with global ids ``index`` (B,)."""
-    x = x_init if x_init is not None else None
+    x = None
     with torch.no_grad():
         for step in iterate(model, sampler, index, seed, x_init, fixed):
             if callback is not None:
