@@ -77,7 +77,7 @@ class TeacherRollout:
         # (K+1,) teacher step indices, the state at index c being the state before step c; the uniform
         # student grid is among them, so "before" is measured on the same footing
         self.candidates = torch.unique(torch.cat([cands, self._uniform_steps(recipe["steps"])]))
-        self.times = self.teacher.timesteps[cands]  # (K+1,) float64
+        self.times = self.teacher.timesteps[self.candidates]  # (K+1,) float64
         self.absorbing = model.graph == "absorb"
         self.mass = self._mass_buffer() if collect_mass else None
         self._scores: dict[tuple, torch.Tensor] = {}

@@ -94,3 +94,11 @@ def test_relaxed_start_changes_ceil_zeta_l_positions(countdown):
         assert (changed.sum(-1) == math.ceil(0.05 * 256)).all()
         if fill == "teacher":
             assert torch.equal(x[changed], ro.final[:4][changed])
+
+
+def test_candidate_times_match_candidates_when_the_uniform_grid_is_merged_in(countdown):
+    r = recipes.effective("countdown", overrides=dict(SMALL, steps=3, samples=4, batch=4, candidates=5, iters=1))
+    ro = distill.TeacherRollout(countdown, r, torch.device("cpu"), True)
+    assert len(ro.candidates) > 6  # 5 candidate intervals plus the 3-step uniform grid's points
+    assert torch.equal(ro.times, ro.teacher.timesteps[ro.candidates])
+    assert torch.equal(ro.times[ro.uniform_path(3)], ro.teacher.timesteps[torch.tensor([0, 21, 43, 64])])
