@@ -32,6 +32,7 @@ def metadata(model, sampler, recipe: dict, recipe_toml: str, fit: dict) -> dict[
         "noise": model.noise.describe(),
         "base": sampler.base,
         "mode": sampler.mode,
+        "options": json.dumps(sampler.options, sort_keys=True),
         "steps": str(sampler.steps),
         "plus": "true" if recipe.get("plus") else "false",
         "objective": str(recipe.get("objective", "")),
@@ -113,7 +114,11 @@ def read(path: str | Path) -> tuple[dict[str, str], list[float], list[float]]:
     except ValueError:
         raise LsdError(f"{path} has malformed metadata (steps or fit)") from None
     ts, cs = values["timesteps"], values["coeffs"]
-    problem = grid_problem(ts, cs, meta["base"], meta["mode"])
+    try:
+        options = json.loads(meta.get("options") or "{}")
+    except ValueError:
+        raise LsdError(f"{path} has malformed metadata (options)") from None
+    problem = grid_problem(ts, cs, meta["base"], meta["mode"], BASES) or options_problem(meta["base"], options)
     if problem:
         raise LsdError(f"{path}: {problem}")
     if len(cs) != steps:
@@ -129,8 +134,35 @@ def load(path: str | Path):
 
     meta, ts, cs = read(path)
     sampler = Sampler(torch.tensor(ts, dtype=torch.float64), torch.tensor(cs, dtype=torch.float64), meta["base"],
-                      meta["mode"], meta.get("denoise") == "true", meta=meta)
+                      meta["mode"], meta.get("denoise") == "true", meta=meta, options=json.loads(meta.get("options") or "{}"))
     return sampler, meta
+
+
+BASES = ("euler", "tweedie", "count", "theta-trapezoidal", "confidence", "entropy-bound")
+# the options of each step rule (lsdtool.adaptive): name -> allowed values (a tuple) or a check of a number
+OPTIONS = {
+    "confidence": {"temperature": lambda v: v > 0, "score": ("probability", "margin")},
+    "entropy-bound": {"temperature": lambda v: v > 0, "gamma": lambda v: v >= 0},
+}
+
+
+def options_problem(base: str, options, denoise: bool = False) -> str | None:
+    """What is wrong with a rule's options (a dict), or None."""
+    if not isinstance(options, dict):
+        return "options must be a mapping"
+    allowed = OPTIONS.get(base, {})
+    for key, value in options.items():
+        check = allowed.get(key)
+        if check is None:
+            return f"base {base!r} takes no option {key!r}" + (f" (it takes {', '.join(allowed)})" if allowed else "")
+        if isinstance(check, tuple):
+            if value not in check:
+                return f"option {key} must be one of {', '.join(check)}, got {value!r}"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not check(value):
+            return f"option {key} = {value!r} is out of range"
+    if denoise and base in OPTIONS:
+        return f"the {base} rule fills every mask itself and takes no denoise step"
+    return None
 
 
 def grid_problem(ts: list[float], cs: list[float], base: str, mode: str, bases=("euler", "tweedie")) -> str | None:

@@ -51,7 +51,11 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 @click.option("--model", "model_name", help="Model: registry name, hub id or local directory.")
 @click.option("--sampler", "sampler_path", type=click.Path(dir_okay=True), help="Distilled sampler artifact (.safetensors); it names the model.")
 @click.option("--steps", type=int, callback=positive, help="Number of steps of a plain sampler.")
-@click.option("--base", type=click.Choice(["euler", "tweedie"]), default="euler", show_default=True)
+@click.option("--base", type=click.Choice(["euler", "tweedie", "count", "theta-trapezoidal", "confidence", "entropy-bound"]),
+              default="euler", show_default=True, help="Step rule of a plain sampler (confidence, entropy-bound: lsdtool.adaptive).")
+@click.option("--gamma", type=float, help="entropy-bound: joint-entropy budget per step  [default: 0.1]; --steps caps the calls.")
+@click.option("--temperature", type=float, help="confidence, entropy-bound: candidate temperature  [default: 1]")
+@click.option("--margin", is_flag=True, help="confidence: rank by top-1 minus top-2 probability instead of the drawn token's.")
 @click.option("--denoise", is_flag=True, help="Add SEDD's final denoise step (one more NFE).")
 @click.option("-n", "num", type=int, callback=non_negative, help="Number of samples  [default: 16, or one per --input line]")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -66,7 +70,7 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 @click.option("--input", "input_path", type=click.Path(dir_okay=False), help="jsonl: line k gives sample k's prefix/suffix, or tokens with nulls to fill.")
 @device_option
 @offline_option
-def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size, fmt, output, force, shard_spec,
+def sample(model_name, sampler_path, steps, base, gamma, temperature, margin, denoise, num, seed, batch_size, fmt, output, force, shard_spec,
            resume, prefix, suffix, input_path, device, offline):
     """Draw samples; one per line on stdout (or -o FILE)."""
     from lsdtool import conditioning, console, generation, models, sharding
@@ -88,7 +92,10 @@ def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size
         if not model_name or steps is None:
             raise click.UsageError("give --model and --steps, or --sampler ARTIFACT")
         model = models.load(model_name, device=dev, offline=offline)
-        sampler = Sampler.plain(steps, base=base, denoise=denoise)
+        options = {k: v for k, v in (("gamma", gamma), ("temperature", temperature), ("score", "margin" if margin else None))
+                   if v is not None}
+        sampler = Sampler.plain(steps, base=base, denoise=denoise, options=options)
+        sampler.check()
     conditions = conditioning.read_input(model, input_path) if input_path else conditioning.from_text(model, prefix, suffix)
     if num is None:
         num = len(conditions) if input_path else 16
@@ -339,8 +346,8 @@ def _nfe_list(ctx, param, value):
 @click.option("--steps", "nfes", default="8,16,32,64", show_default=True, callback=_nfe_list,
               help="NFE values (model calls per sample), comma-separated.")
 @click.option("--samplers", default="euler,tweedie,lsd,lsd+", show_default=True,
-              help="Comma-separated: euler, tweedie, count, theta-trapezoidal, jys, euler-temp, power, lsd, lsd+ "
-                   "(lsd/lsd+ take :paper, :teacher-path, :temperature, :score, :tweedie suffixes).")
+              help="Comma-separated: euler, tweedie, count, theta-trapezoidal, confidence, entropy-bound, jys, euler-temp, "
+                   "power, lsd, lsd+ (lsd/lsd+ take :paper, :teacher-path, :temperature, :score, :tweedie, :confidence suffixes).")
 @click.option("-n", "num", type=int, default=256, show_default=True, callback=positive, help="Samples per row (indices 0..n-1).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--teacher-steps", type=int, callback=positive, help="Teacher reference steps (default: the model's recipe); also passed to distillation.")
@@ -420,11 +427,15 @@ def _compare_table(result, per_sample_ppl=False):
     if teacher:
         table.add_column(f"teacher ({teacher[0].nfe})", justify="right")
 
+    div = p.get("diversity", {"key": "entropy", "label": "H"})
+
     def cell(r):
         m = r.metrics
         text = se_text(m[key], m.get(f"{key}_se", 0.0))
-        if "entropy" in m:
-            text += f"\nH {m['entropy']:.3f}"
+        if div["key"] in m:
+            text += f"\n{div['label']} {m[div['key']]:.3f}"
+        if r.nfe_mean is not None and r.nfe_mean != r.nfe:
+            text += f"\nNFE {r.nfe_mean:.1f} (max {r.nfe_max})"
         ms = r.seconds_per_sample * 1000
         return text + (f"\n{ms:.1f} ms" if ms < 1000 else f"\n{ms / 1000:.2f} s")
 
@@ -459,9 +470,10 @@ def _compare_csv(result, path):
     tmp = f"{path}.tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["sampler", "steps", "nfe", "seconds_per_sample", *keys])
+        w.writerow(["sampler", "steps", "nfe", "nfe_mean", "nfe_max", "seconds_per_sample", *keys])
         for r in result.rows:
-            w.writerow([r.sampler, r.steps, r.nfe, f"{r.seconds_per_sample:.6g}", *[r.metrics.get(k, "") for k in keys]])
+            w.writerow([r.sampler, r.steps, r.nfe, r.nfe_mean, r.nfe_max, f"{r.seconds_per_sample:.6g}",
+                        *[r.metrics.get(k, "") for k in keys]])
     os.replace(tmp, path)
 
 
@@ -481,7 +493,7 @@ def _compare_plot(result, path, per_sample_ppl=False):
     markers, styles = "osD^vP*Xh<>", ["-", "--", "-.", ":"]
     for i, name in enumerate(names):  # distinct marker and dash per sampler: coinciding rows stay visible
         rows = sorted((r for r in result.rows if r.sampler == name), key=lambda r: r.nfe)
-        ax.errorbar([r.nfe for r in rows], [r.metrics[key] for r in rows], yerr=[r.metrics.get(f"{key}_se", 0) for r in rows],
+        ax.errorbar([r.nfe_mean or r.nfe for r in rows], [r.metrics[key] for r in rows], yerr=[r.metrics.get(f"{key}_se", 0) for r in rows],
                     marker=markers[i % len(markers)], ls=styles[i % len(styles)], ms=5, capsize=3, label=name,
                     mfc="none" if i % 2 else None)
     for r in result.rows:

@@ -7,6 +7,12 @@ call: a two-call-per-step rule (theta-trapezoidal) gets K/2 steps for NFE K and 
 Samplers (``--samplers`` names):
 - ``euler``, ``tweedie``: the plain rules on the uniform grid (identical for absorb + loglinear).
 - ``count``: fixed-count random order (absorbing models only).
+- ``confidence``: commit the most confident of candidates drawn at every masked position, n_k as for
+  count (absorbing models only, :mod:`lsdtool.adaptive`); ``lsd+:confidence`` (any lsd variant with
+  ``:confidence``) runs the rule on the distilled artifact's grid.
+- ``entropy-bound``: EB-Sampler; the number of model calls adapts per sample, so the cell at NFE K uses
+  the gamma from ``GAMMAS`` whose mean NFE on the held-out seed lies nearest K, and the row reports its
+  realised mean and max NFE (every row does; for the fixed-step rules both equal the column).
 - ``theta-trapezoidal``: the second-order two-stage rule, theta = 1/2.
 - ``jys``: Euler on the Jump-Your-Steps grid (power-of-two steps; clean data needed, see :mod:`lsdtool.jys`).
 - ``euler-temp``: Euler with one global temperature (temperature mode, every Phi_k equal).
@@ -29,14 +35,18 @@ from lsdtool.errors import LsdError
 from lsdtool.samplers import CALLS_PER_STEP, DEFAULT_EPS, Sampler, power_grid
 
 DEFAULT_SAMPLERS = ("euler", "tweedie", "lsd", "lsd+")
-PLAIN = ("euler", "tweedie", "count", "theta-trapezoidal")
+PLAIN = ("euler", "tweedie", "count", "theta-trapezoidal", "confidence")
 CONTROLS = ("euler-temp", "power")
-KNOWN = PLAIN + ("jys",) + CONTROLS + ("lsd", "lsd+")
+ADAPTIVE = ("entropy-bound",)
+KNOWN = PLAIN + ADAPTIVE + ("jys",) + CONTROLS + ("lsd", "lsd+")
+UNFAITHFUL = ("confidence", "entropy-bound")  # rules that pick positions by the model's confidence
 LSD_VARIANTS = {"paper": ("objective", "paper"), "teacher-path": ("objective", "teacher-path"),
                 "score": ("mode", "score"), "temperature": ("mode", "temperature"),
-                "euler": ("base", "euler"), "tweedie": ("base", "tweedie")}
+                "euler": ("base", "euler"), "tweedie": ("base", "tweedie"),
+                "confidence": ("drive", "confidence")}  # run the confidence rule on the distilled grid
 TEMPERATURES = (0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 2.5, 3.0)  # inverse temperatures Phi (> 1 sharpens)
 RHOS = (0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0)
+GAMMAS = (1000.0, 300.0, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01)  # entropy-bound budgets, fewest calls first
 TUNE_SEED_OFFSET = 1_000_003
 JYS_SEED = 0  # clean data and forward-noise uniforms of the KLUB: fixed, so schedules are shared across --seed
 JYS_SRC_STEPS = 1024  # the fine grid JYS points are snapped to (as in the released code)
@@ -50,11 +60,14 @@ class Row:
     metrics: dict
     seconds_per_sample: float
     details: dict = field(default_factory=dict)
+    nfe_mean: float | None = None  # realised model calls per sample (mean, max); None: not measured
+    nfe_max: int | None = None
 
     def as_dict(self) -> dict:
         out = {"sampler": self.sampler, "steps": self.steps, "nfe": self.nfe, "metrics": self.metrics,
+               "nfe_mean": self.nfe_mean, "nfe_max": self.nfe_max,
                "seconds_per_sample": self.seconds_per_sample,
-               "seconds_per_nfe": self.seconds_per_sample / max(self.nfe, 1),
+               "seconds_per_nfe": self.seconds_per_sample / max(self.nfe_mean or self.nfe, 1),
                "samples_per_second": 1 / self.seconds_per_sample if self.seconds_per_sample > 0 else None}
         if self.details:
             out["details"] = self.details
@@ -85,13 +98,15 @@ class CountdownEval:
     primary = "error"
     name = "countdown-rule"
     dtype = "int64"
+    diversity = ("diversity", "H pos")  # metric key, table label
 
     def __call__(self, x: torch.Tensor) -> dict:
-        from lsdtool.metrics import countdown_error_rows, mean_se
+        from lsdtool.metrics import countdown_error_rows, mean_se, position_entropy
 
         out = {}
         for key, values in countdown_error_rows(x).items():
             out[key], out[f"{key}_se"] = mean_se(values)
+        out["diversity"] = position_entropy(x)
         return out
 
 
@@ -100,6 +115,7 @@ class TextEval:
 
     primary = "gen_ppl"
     dtype = "float32"
+    diversity = ("entropy", "H")
 
     def __init__(self, name: str, device, vocab_size: int, batch_size: int = 8, local_files_only=None):
         from lsdtool.metrics import load_eval_model
@@ -148,14 +164,15 @@ def lsd_overrides(name: str, steps: int, teacher_steps: int | None) -> dict:
     over = {"steps": steps, "plus": head == "lsd+"}
     for s in suffix:
         key, value = LSD_VARIANTS[s]
-        over[key] = value
+        if key != "drive":
+            over[key] = value
     if teacher_steps is not None:
         over["teacher_steps"] = teacher_steps
     return over
 
 
 def steps_for(name: str, nfe: int) -> int:
-    """Steps that spend ``nfe`` model calls, or :class:`Skip`."""
+    """Steps that spend ``nfe`` model calls, or :class:`Skip` (entropy-bound: the column, not its cap)."""
     calls = CALLS_PER_STEP["theta-trapezoidal"] if name == "theta-trapezoidal" else 1
     if nfe % calls:
         raise Skip(f"{name} makes {calls} model calls per step; NFE {nfe} is not a multiple of {calls}")
@@ -183,6 +200,7 @@ class Context:
     log: object = None
     quiet: bool = False
     recipe_file: str | None = None
+    nfes: list | None = None  # every requested column (entropy-bound tuning stops past twice the largest)
 
     @property
     def tune_seed(self) -> int:
@@ -195,17 +213,31 @@ def _progress(ctx: Context, description: str, total: int):
     return ctx.progress(description, total)
 
 
-def draw(ctx: Context, sampler: Sampler, n: int, seed: int, description: str = "") -> tuple[torch.Tensor, float]:
-    """Samples 0..n-1 for ``seed`` (CPU tokens) and the wall time spent sampling."""
+def draw(ctx: Context, sampler: Sampler, n: int, seed: int, description: str = "",
+         calls: list | None = None) -> tuple[torch.Tensor, float]:
+    """Samples 0..n-1 for ``seed`` (CPU tokens) and the wall time spent sampling; ``calls``, when given,
+    receives the model calls each sample made ((n,) long)."""
     from lsdtool.generation import batches
 
     advance = _progress(ctx, description, n * sampler.nfe)
-    on_step = lambda step: advance(step.x.shape[0])  # noqa: E731
+    counts: list[torch.Tensor] = []
+    current: list[torch.Tensor] = []  # the batch being sampled: model calls per sample so far
+
+    def on_step(step):
+        advance(step.log_score.shape[0])
+        if not current:
+            current.append(torch.zeros(step.x.shape[0], dtype=torch.long))
+        current[0][slice(None) if step.rows is None else step.rows.cpu()] += 1
+
     out = []
     start = time.perf_counter()
     for _, x in batches(ctx.model, sampler, list(range(n)), seed, ctx.batch_size, ctx.device, on_step):
         out.append(x)
-    return torch.cat(out), time.perf_counter() - start
+        counts.append(current.pop() if current else torch.zeros(x.shape[0], dtype=torch.long))
+    seconds = time.perf_counter() - start
+    if calls is not None:
+        calls.append(torch.cat(counts))
+    return torch.cat(out), seconds
 
 
 def _tune(ctx: Context, candidates, make, label: str) -> tuple[float, dict]:
@@ -223,10 +255,12 @@ def build(ctx: Context, name: str, nfe: int, jys_cache: dict) -> tuple[Sampler, 
     model = ctx.model
     steps = steps_for(name, nfe)
     head = name.split(":")[0]
+    if head in ("count", "confidence", "entropy-bound") and model.graph != "absorb":
+        raise Skip(f"{head} needs an absorbing model; {model.name} is {model.graph}")
     if head in PLAIN:
-        if head == "count" and model.graph != "absorb":
-            raise Skip(f"count needs an absorbing model; {model.name} is {model.graph}")
         return Sampler.plain(steps, base=head), {}
+    if head == "entropy-bound":
+        return _tune_gamma(ctx, nfe, jys_cache.setdefault("_gamma", {}))
     if head == "euler-temp":
         def make(c):
             return Sampler(Sampler.plain(steps).timesteps, torch.full((steps,), float(c), dtype=torch.float64), "euler", "temperature")
@@ -258,7 +292,35 @@ def build(ctx: Context, name: str, nfe: int, jys_cache: dict) -> tuple[Sampler, 
                                  device=ctx.device, quiet=ctx.quiet, recipe_file=ctx.recipe_file)
     if sampler.nfe != nfe:
         raise Skip(f"{name} artifact {path} spends {sampler.nfe} model calls, not {nfe}")
+    if "confidence" in name.split(":")[1:]:
+        if model.graph != "absorb":
+            raise Skip(f"confidence needs an absorbing model; {model.name} is {model.graph}")
+        sampler = Sampler(sampler.timesteps, sampler.coeffs, "confidence", sampler.mode, meta=sampler.meta)
     return sampler, {"artifact": str(path)}
+
+
+def _tune_gamma(ctx: Context, nfe: int, seen: dict) -> tuple[Sampler, dict]:
+    """Entropy-bound at the gamma of :data:`GAMMAS` whose mean NFE on the held-out seed lies nearest
+    ``nfe`` (ties: the first listed). The cap is the sequence length (at least one commit per call), so
+    the rule is never cut short. Candidates run from the largest gamma (fewest calls) down and stop
+    once the mean NFE passes twice the largest requested column (the mean NFE grows as gamma shrinks);
+    ``seen`` keeps the measured means across columns."""
+    cap = int(ctx.model.seq_len)
+
+    def make(g):
+        return Sampler.plain(cap, "entropy-bound", options={"gamma": g})
+
+    limit = 2 * max(ctx.nfes or [nfe])
+    for g in GAMMAS:
+        if g not in seen:
+            if seen and max(seen.values()) > limit:
+                break
+            calls: list = []
+            draw(ctx, make(g), ctx.tune_n, ctx.tune_seed, f"tuning gamma={g:g}", calls)
+            seen[g] = calls[0].double().mean().item()
+    tried = [g for g in GAMMAS if g in seen]
+    best = min(tried, key=lambda g: (abs(seen[g] - nfe), tried.index(g)))
+    return make(best), {"tuned_gamma": best, "tuning_nfe": {f"{g:g}": seen[g] for g in tried}}
 
 
 def _log_row(ctx: Context, row: Row) -> None:
@@ -266,8 +328,10 @@ def _log_row(ctx: Context, row: Row) -> None:
         return
     key = ctx.evaluator.primary
     m = row.metrics
+    div, label = getattr(ctx.evaluator, "diversity", ("entropy", "H"))
     ctx.log(f"{row.sampler} NFE {row.nfe}: {key} {se_text(m[key], m.get(key + '_se', 0.0))}"
-            + (f", entropy {m['entropy']:.3f}" if "entropy" in m else "")
+            + (f", {label} {m[div]:.3f}" if div in m else "")
+            + (f", realised NFE {row.nfe_mean:.2f} (max {row.nfe_max})" if row.nfe_mean not in (None, row.nfe) else "")
             + f" ({row.seconds_per_sample * 1000:.1f} ms/sample{', cached' if row.details.get('cached') else ''})")
 
 
@@ -296,7 +360,7 @@ def teacher_row(ctx: Context, steps: int) -> Row:
         pass
     sampler = Sampler.plain(steps, "euler")
     x, seconds = draw(ctx, sampler, ctx.n, ctx.seed, f"teacher ({steps} steps)")
-    row = Row("teacher", steps, sampler.nfe, ctx.evaluator(x), seconds / ctx.n, {"reference": True})
+    row = Row("teacher", steps, sampler.nfe, ctx.evaluator(x), seconds / ctx.n, {"reference": True}, sampler.nfe, sampler.nfe)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".teacher.", suffix=".tmp", dir=path.parent)
@@ -334,7 +398,7 @@ def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: in
         raise LsdError(f"jys needs clean data for {model.name}: pass --data FILE (jsonl of token ids)")
     evaluator = evaluator or make_evaluator(model, None, dev)
     ctx = Context(model, n, seed, batch_size, dev, evaluator, cache_dir, teacher_steps, data, jys_samples,
-                  tune_n or min(n, 128), progress, log, quiet, recipe_file)
+                  tune_n or min(n, 128), progress, log, quiet, recipe_file, nfes)
     n_teacher = teacher_steps or teacher_steps_default(model, recipe_file)
     rows, skipped, notes = [], [], []
     jys_cache: dict = {"_wanted": [k for k in nfes if k & (k - 1) == 0]}
@@ -345,8 +409,10 @@ def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: in
             except Skip as why:
                 skipped.append({"sampler": name, "nfe": nfe, "reason": str(why)})
                 continue
-            x, seconds = draw(ctx, sampler, n, seed, f"{name} NFE {nfe}")
-            rows.append(Row(name, sampler.steps, sampler.nfe, evaluator(x), seconds / n, details))
+            calls: list = []
+            x, seconds = draw(ctx, sampler, n, seed, f"{name} NFE {nfe}", calls)
+            rows.append(Row(name, sampler.steps, nfe, evaluator(x), seconds / n, details,
+                            calls[0].double().mean().item(), int(calls[0].max())))
             _log_row(ctx, rows[-1])
     if teacher:
         rows.append(teacher_row(ctx, n_teacher))
@@ -356,6 +422,7 @@ def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: in
         "model": model.name, "model_fingerprint": model.fingerprint, "graph": model.graph, "noise": model.noise.describe(),
         "n": n, "seed": seed, "sample_indices": f"0..{n - 1}", "teacher_steps": n_teacher, "teacher_sampler": "euler",
         "nfe": nfes, "samplers": names, "metric": evaluator.primary, "eval_model": evaluator.name,
+        "diversity": {"key": evaluator.diversity[0], "label": evaluator.diversity[1]},
         "eval_dtype": evaluator.dtype, "device": str(dev), "batch_size": batch_size, "tune_seed": ctx.tune_seed,
         "tune_n": ctx.tune_n, "lsdtool_version": __version__, "torch_version": torch.__version__,
     }
@@ -390,6 +457,17 @@ def _notes(model, names, rows, skipped, ctx) -> list[str]:
     if "jys" in plain_heads:
         notes.append(f"jys: Euler on the Jump-Your-Steps grid (KLUB golden-section search on {ctx.jys_samples} clean "
                      "samples, cached)")
+    if plain_heads & set(UNFAITHFUL) or any("confidence" in n.split(":")[1:] for n in names):
+        notes.append("confidence and entropy-bound do not sample the model's distribution: they commit the positions "
+                     "the model is surest of, trading diversity for per-token quality (see the diversity figure "
+                     f"{ctx.evaluator.diversity[1]} beside each cell)")
+    if "entropy-bound" in plain_heads:
+        notes.append(f"entropy-bound: model calls vary per sample; each cell shows the realised mean (max) NFE, with "
+                     f"gamma picked from {', '.join(f'{g:g}' for g in GAMMAS)} so that the mean NFE on held-out seed "
+                     f"{ctx.tune_seed} (n = {ctx.tune_n}) lies nearest the column")
+    if isinstance(ctx.evaluator, CountdownEval):
+        notes.append("H pos: mean over positions of the entropy (nats) of the token across samples; it is at most "
+                     "log(number of distinct samples), so it drops to 0 when a sampler collapses onto one sequence")
     if any(n.split(":")[0] in ("lsd", "lsd+") for n in names):
         notes.append("lsd/lsd+: distilled artifacts from the cache (distilled on a miss) with the model's recipe")
     for s in skipped:

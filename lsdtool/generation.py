@@ -50,8 +50,9 @@ def sampler_label(sampler: Sampler) -> str:
     label = f"{sampler.base}-{sampler.steps}" + ("-denoise" if sampler.denoise else "")
     ts, cs = sampler.timesteps.detach().cpu().double(), sampler.coeffs.detach().cpu().double()
     plain = Sampler.plain(sampler.steps, sampler.base, sampler.mode, sampler.denoise)
-    if sampler.mode != "score" or not (torch.equal(ts, plain.timesteps) and torch.equal(cs, plain.coeffs)):
-        digest = hashlib.sha256(sampler.mode.encode() + ts.numpy().tobytes() + cs.numpy().tobytes())
+    options = json.dumps(sampler.options, sort_keys=True).encode() if sampler.options else b""  # rule options
+    if sampler.mode != "score" or options or not (torch.equal(ts, plain.timesteps) and torch.equal(cs, plain.coeffs)):
+        digest = hashlib.sha256(sampler.mode.encode() + ts.numpy().tobytes() + cs.numpy().tobytes() + options)
         label += "-" + digest.hexdigest()[:12]
     return label
 

@@ -70,6 +70,19 @@ def unigram_entropy(x: torch.Tensor, vocab_size: int | None = None) -> torch.Ten
     return -(p * p.clamp_min(1e-300).log()).sum(-1)
 
 
+def position_entropy(x: torch.Tensor) -> float:
+    """Diversity across samples: the mean over positions j of the entropy (nats) of the empirical
+    distribution of x[:, j] over the B samples; x (B, L). At most log(number of distinct rows), so it
+    is 0 when every sample is the same sequence."""
+    x = x.long()
+    b, l = x.shape
+    v = int(x.max().item()) + 1
+    counts = torch.zeros(l, v, dtype=torch.float64, device=x.device)
+    counts.scatter_add_(1, x.t(), torch.ones(l, b, dtype=torch.float64, device=x.device))
+    p = counts / b
+    return (-(p * p.clamp_min(1e-300).log()).sum(-1)).mean().item()
+
+
 def load_eval_model(name: str, device="cpu", local_files_only: bool | None = None):
     """A Hugging Face causal LM in float32 for generative perplexity (from the HF cache when offline)."""
     import os

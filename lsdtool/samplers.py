@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from lsdtool import rng
 from lsdtool.diffusion import Graph, Noise, make_graph
 
-BASES = ("euler", "tweedie", "count", "theta-trapezoidal")
-CALLS_PER_STEP = {"euler": 1, "tweedie": 1, "count": 1, "theta-trapezoidal": 2}  # model calls (NFE) per step
+BASES = ("euler", "tweedie", "count", "theta-trapezoidal", "confidence", "entropy-bound")
+# model calls (NFE) per step; entropy-bound makes at most one per sample and step (see lsdtool.adaptive)
+CALLS_PER_STEP = {"euler": 1, "tweedie": 1, "count": 1, "theta-trapezoidal": 2, "confidence": 1, "entropy-bound": 1}
 THETA = 0.5  # theta of the theta-trapezoidal rule
 MODES = ("score", "temperature")
 DEFAULT_EPS = 1e-5
@@ -71,11 +72,13 @@ class Sampler:
     mode: str = "score"
     denoise: bool = False  # one extra model call at tau_M (SEDD's final denoise step)
     meta: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # the base rule's options (lsdtool.adaptive: temperature, score, gamma)
 
     @classmethod
-    def plain(cls, steps: int, base: str = "euler", mode: str = "score", denoise: bool = False) -> "Sampler":
+    def plain(cls, steps: int, base: str = "euler", mode: str = "score", denoise: bool = False,
+              options: dict | None = None) -> "Sampler":
         """The untrained sampler: uniform grid, Phi = 1."""
-        return cls(uniform_grid(steps), torch.ones(steps, dtype=torch.float64), base, mode, denoise)
+        return cls(uniform_grid(steps), torch.ones(steps, dtype=torch.float64), base, mode, denoise, options=dict(options or {}))
 
     @property
     def steps(self) -> int:
@@ -83,17 +86,19 @@ class Sampler:
 
     @property
     def nfe(self) -> int:
-        """Model calls: every step's calls (two for two-stage rules) plus the optional denoise call."""
+        """Model calls: every step's calls (two for two-stage rules) plus the optional denoise call (for
+        entropy-bound the most a sample can make; it stops once its masks are filled)."""
         return self.steps * CALLS_PER_STEP.get(self.base, 1) + int(self.denoise)
 
     def check(self) -> None:
         """Raise ValueError unless the grid and coefficients describe a valid sampler."""
-        from lsdtool.artifacts import grid_problem
+        from lsdtool.artifacts import grid_problem, options_problem
 
         ts, cs = self.timesteps, self.coeffs
         if ts.ndim != 1 or cs.ndim != 1:
             raise ValueError(f"timesteps {tuple(ts.shape)} and coeffs {tuple(cs.shape)} must be vectors")
         problem = grid_problem(ts.tolist(), cs.tolist(), self.base, self.mode, BASES)
+        problem = problem or options_problem(self.base, self.options, self.denoise)
         if problem:
             raise ValueError(problem)
 
@@ -302,6 +307,7 @@ class Step:
     x_next: torch.Tensor  # (B, L) after the step
     final: bool
     stage: int = 0  # 0, or 1 for the second model call of a two-stage rule (theta-trapezoidal)
+    rows: torch.Tensor | None = None  # (R,) the batch rows the model was called for (log_score is (R, L, V)); None: all
 
 
 def advance(model, rows_fn, log_score, x, draws, fixed=None, *args, row_inputs=(), **kw) -> torch.Tensor:
@@ -335,6 +341,41 @@ def advance(model, rows_fn, log_score, x, draws, fixed=None, *args, row_inputs=(
     return x_flat.reshape(x.shape)
 
 
+@dataclass
+class Run:
+    """One engine run as a rule's step function ``step(run, k, x)`` sees it (see :mod:`lsdtool.adaptive`)."""
+
+    model: object
+    sampler: Sampler
+    index: torch.Tensor  # (B,) global sample ids
+    seed: int
+    fixed: torch.Tensor | None  # (B, L) bool positions that never change
+    grad: bool
+    timesteps: torch.Tensor  # (M+1,) the grid (differentiable when ``grad``)
+    coeffs: torch.Tensor  # (M,) float64 on the run's device
+    state: dict = field(default_factory=dict)  # what a rule keeps between its steps
+
+    @property
+    def device(self) -> torch.device:
+        return self.index.device
+
+    def call(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """The model's log score (B, L, V) at state x (B, L) and a scalar or (B,) time."""
+        with torch.set_grad_enabled(self.grad):
+            return self.model.log_score(x, time.to(device=self.device, dtype=torch.float32).expand(x.shape[0]))
+
+    def times(self, k: int):
+        """(t, s, t64, s64, final) of step k: the grid times and their float64 copies on the device."""
+        t, s = self.timesteps[k], self.timesteps[k + 1]
+        final = k == self.sampler.steps - 1 and not self.sampler.denoise
+        return t, s, t.detach().double().to(self.device), s.detach().double().to(self.device), final
+
+    def moving_masks(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: masked positions that are not fixed."""
+        masked = x == self.model.vocab_size - 1
+        return masked if self.fixed is None else masked & ~self.fixed
+
+
 def iterate(model, sampler: Sampler, index: torch.Tensor, seed: int, x_init=None, fixed=None,
             grad: bool = False, timesteps=None) -> Iterator[Step]:
     """Run the sampler, yielding a :class:`Step` after each model call (the one engine loop).
@@ -349,9 +390,18 @@ def iterate(model, sampler: Sampler, index: torch.Tensor, seed: int, x_init=None
     coeffs = sampler.coeffs.detach().to(device=device, dtype=torch.float64)
     b, m = x.shape[0], sampler.steps
     base = sampler.base
+    if base in ("count", "confidence", "entropy-bound") and model.graph != "absorb":
+        raise ValueError(f"the {base} sampler needs an absorbing model; {getattr(model, 'name', 'this model')} is {model.graph}")
+    if base in ("confidence", "entropy-bound"):
+        from lsdtool import adaptive
+
+        run = Run(model, sampler, index, seed, fixed, grad, ts, coeffs)
+        for k in range(m):
+            for step in adaptive.STEPS[base](run, k, x):
+                yield step
+                x = step.x_next
+        return
     if base == "count":
-        if model.graph != "absorb":
-            raise ValueError(f"the count sampler needs an absorbing model; {getattr(model, 'name', 'this model')} is {model.graph}")
         open_ = x == model.vocab_size - 1 if fixed is None else (x == model.vocab_size - 1) & ~fixed
         left = count_schedule(model.noise, ts, open_.sum(-1))  # (B, M+1)
         order = rng.uniforms(seed, rng.STREAM_ORDER, index, 0, x.shape[1])  # one random order per sample
