@@ -1,18 +1,20 @@
 """Adaptive unmasking rules for absorbing models: confidence-ordered and entropy-bounded (DESIGN §5).
 
-Both rules look at the model's distribution over real tokens at every masked position (mask column
-dropped, sharpened by an optional temperature T: p_T ∝ p^{1/T}) and decide *which* positions to
-commit; a committed position gets a token drawn from p_T with the engine's counter-based uniforms
-(seed, step stream, sample index, step k, position), so a sample never depends on its batch or shard.
+Both rules look at the model's distribution p over real tokens at every masked position (mask column
+dropped; raised to Phi_k in temperature mode) and decide *which* positions to commit; a committed
+position gets a token drawn from p_T ∝ p^{1/T} (an optional temperature T, default 1) with the engine's
+counter-based uniforms (seed, step stream, sample index, step k, position), so a sample never depends
+on its batch or shard. The scores that rank positions are measured on p itself, as in LLaDA's
+low-confidence remasking: T only sharpens the draws, and T -> 0 is greedy decoding.
 
 - ``confidence`` (MaskGIT; LLaDA's low-confidence remasking; diffusers' ``BlockRefinementScheduler``):
   step k draws a candidate c_j ~ p_T at every masked position j and commits the n_k candidates with
-  the highest confidence p_T(c_j) (or, with ``score = "margin"``, the top-1 minus top-2 probability
-  of p_T); n_k follows the grid's masked fraction exactly as the count rule does
+  the highest confidence p(c_j) (or, with ``score = "margin"``, the top-1 minus top-2 probability
+  of p); n_k follows the grid's masked fraction exactly as the count rule does
   (:func:`lsdtool.samplers.count_schedule`), so a distilled grid can drive it. Equal scores are
   ordered by the sample's random position order (the count rule's), so ties never favour one end.
 - ``entropy-bound`` (EB-Sampler, Ben-Hamu et al. 2025; diffusers' ``EntropyBoundScheduler``): sort
-  the masked positions by the entropy H_j of p_T, ascending, and commit the longest prefix with
+  the masked positions by the entropy H_j of p, ascending, and commit the longest prefix with
   sum_{i <= j} H_i - max_{i <= j} H_i <= gamma (at least one position; ties as for confidence). The number of model calls
   adapts per sample: a sample whose masks are all filled makes no further call, and step M (the
   grid's length, ``--steps``) commits everything left. The model is called at the time whose masked
@@ -39,21 +41,22 @@ DEFAULT_GAMMA = 0.1  # diffusers' EntropyBoundScheduler default
 _BISECT = 60  # bisection steps of the masked-fraction -> time map (float64 resolution)
 
 
-def sharpness(run, k: int) -> torch.Tensor:
-    """The factor a on the log score in p_T ∝ exp(a log s): 1/T, times Phi_k in temperature mode."""
-    a = 1.0 / float(run.sampler.options.get("temperature", 1.0))
-    return run.coeffs[k] * a if run.sampler.mode == "temperature" else run.coeffs.new_tensor(a)
+def sharpness(run, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors a on the log score, p ∝ exp(a log s), of the scores (Phi_k in temperature mode, else 1)
+    and of the candidate draws (that over T)."""
+    a = run.coeffs[k] if run.sampler.mode == "temperature" else run.coeffs.new_tensor(1.0)
+    return a, a / float(run.sampler.options.get("temperature", 1.0))
 
 
 def candidate_rows(graph, noise, log_score: torch.Tensor, x: torch.Tensor, a) -> torch.Tensor:
-    """p_T over real tokens (R, V-1) float64 for masked rows: softmax(a * log_score[:, :-1]).
+    """Candidate probabilities over real tokens (R, V-1) float64 for masked rows: softmax(a * log_score[:, :-1]).
 
     The step-rule signature of :func:`lsdtool.samplers.advance`; x is unused (every row is masked)."""
     return torch.softmax(a * log_score[:, :-1].to(torch.float64), -1)
 
 
 def row_scores(log_score: torch.Tensor, where: torch.Tensor, a, kind: str, cand: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-position figure of p_T (B, L) float64 at the ``where`` positions (NaN elsewhere), in row chunks:
+    """Per-position figure of p = softmax(a * log_score[..., :-1]), (B, L) float64 at the ``where`` positions (NaN elsewhere), in row chunks:
     ``entropy`` -sum p log p, ``probability`` p(cand), ``margin`` top-1 minus top-2 probability."""
     v = log_score.shape[-1]
     flat = log_score.reshape(-1, v)
@@ -142,8 +145,8 @@ def confidence_step(run, k: int, x: torch.Tensor) -> Iterator[Step]:
     log_score = run.call(x, t)
     still = run.moving_masks(x)
     n_k = (still.sum(-1) - run.state["left"][:, k + 1]).clamp_min(0)
-    a = sharpness(run, k)
-    cand = advance(model, candidate_rows, log_score, x, (run.seed, run.index, k), ~still, a)
+    a, a_draw = sharpness(run, k)
+    cand = advance(model, candidate_rows, log_score, x, (run.seed, run.index, k), ~still, a_draw)
     kind = sampler.options.get("score", "probability")
     commit = top_n(row_scores(log_score, still, a, kind, cand), still, n_k, run.state["order"])
     yield Step(k, t, s, x, log_score, torch.where(commit, cand, x), final)
@@ -164,11 +167,11 @@ def entropy_bound_step(run, k: int, x: torch.Tensor) -> Iterator[Step]:
     frac = still[rows].sum(-1).double() / run.state["open"][rows]
     t = time_of_masked_fraction(model.noise, run.timesteps, frac)
     log_score = run.call(x[rows], t)
-    a = sharpness(run, k)
+    a, a_draw = sharpness(run, k)
     open_ = still[rows]
     gamma = float(sampler.options.get("gamma", DEFAULT_GAMMA))
     commit = entropy_prefix(row_scores(log_score, open_, a, "entropy"), open_, gamma, last, run.state["order"][rows])
-    x_rows = advance(model, candidate_rows, log_score, x[rows], (run.seed, run.index[rows], k), ~commit, a)
+    x_rows = advance(model, candidate_rows, log_score, x[rows], (run.seed, run.index[rows], k), ~commit, a_draw)
     x_next = x.clone()
     x_next[rows] = x_rows
     yield Step(k, t, t, x, log_score, x_next, last, rows=rows)
