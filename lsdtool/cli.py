@@ -470,10 +470,10 @@ def _compare_csv(result, path):
     tmp = f"{path}.tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["sampler", "steps", "nfe", "nfe_mean", "nfe_max", "seconds_per_sample", *keys])
+        w.writerow(["sampler", "steps", "nfe", "seconds_per_sample", *keys, "nfe_mean", "nfe_max"])
         for r in result.rows:
-            w.writerow([r.sampler, r.steps, r.nfe, r.nfe_mean, r.nfe_max, f"{r.seconds_per_sample:.6g}",
-                        *[r.metrics.get(k, "") for k in keys]])
+            w.writerow([r.sampler, r.steps, r.nfe, f"{r.seconds_per_sample:.6g}", *[r.metrics.get(k, "") for k in keys],
+                        r.nfe_mean, r.nfe_max])
     os.replace(tmp, path)
 
 

@@ -127,17 +127,18 @@ def test_controls_tune_on_a_held_out_seed(countdown, tmp_path, monkeypatch):
     seeds = []
     real = compare.draw
 
-    def spy(ctx, sampler, n, seed, description=""):
+    def spy(ctx, sampler, n, seed, description="", *rest):
         seeds.append((description.split()[0], seed))
-        return real(ctx, sampler, n, seed, description)
+        return real(ctx, sampler, n, seed, description, *rest)
 
     monkeypatch.setattr(compare, "draw", spy)
-    res = compare.run(countdown, "euler-temp,power", [2], n=4, seed=5, tune_n=3, teacher=False, cache_dir=tmp_path)
-    temp, power = res.rows
+    res = compare.run(countdown, "euler-temp,power,entropy-bound", [2], n=4, seed=5, tune_n=3, teacher=False, cache_dir=tmp_path)
+    temp, power, eb = res.rows
+    assert eb.details["tuned_gamma"] in compare.GAMMAS
     assert temp.details["tuned_temperature"] in compare.TEMPERATURES and len(temp.details["tuning_scores"]) == len(compare.TEMPERATURES)
     assert power.details["tuned_rho"] in compare.RHOS
     tuning = [s for d, s in seeds if d == "tuning"]
-    assert tuning and set(tuning) == {5 + compare.TUNE_SEED_OFFSET} and [s for d, s in seeds if d != "tuning"] == [5, 5]
+    assert tuning and set(tuning) == {5 + compare.TUNE_SEED_OFFSET} and [s for d, s in seeds if d != "tuning"] == [5, 5, 5]
     best = min(temp.details["tuning_scores"].values())
     assert temp.details["tuning_scores"][f"{temp.details['tuned_temperature']:g}"] == best
 
