@@ -56,8 +56,9 @@ def candidate_rows(graph, noise, log_score: torch.Tensor, x: torch.Tensor, a) ->
 
 
 def row_scores(log_score: torch.Tensor, where: torch.Tensor, a, kind: str, cand: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-position figure of p = softmax(a * log_score[..., :-1]), (B, L) float64 at the ``where`` positions (NaN elsewhere), in row chunks:
-    ``entropy`` -sum p log p, ``probability`` p(cand), ``margin`` top-1 minus top-2 probability."""
+    """A figure of p = softmax(a * log_score[..., :-1]) per position, (B, L) float64 at the ``where``
+    positions (NaN elsewhere), computed in row chunks: ``entropy`` -sum p log p, ``probability``
+    p(cand) for the candidates cand (B, L), ``margin`` top-1 minus top-2 probability."""
     v = log_score.shape[-1]
     flat = log_score.reshape(-1, v)
     idx = where.reshape(-1).nonzero().squeeze(-1)

@@ -46,7 +46,8 @@ LSD_VARIANTS = {"paper": ("objective", "paper"), "teacher-path": ("objective", "
                 "confidence": ("drive", "confidence")}  # run the confidence rule on the distilled grid
 TEMPERATURES = (0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 2.5, 3.0)  # inverse temperatures Phi (> 1 sharpens)
 RHOS = (0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0)
-GAMMAS = (1000.0, 500.0, 200.0, 100.0, 50.0, 20.0, 10.0, 5.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01)  # entropy-bound budgets, fewest calls first
+# entropy-bound budgets gamma, fewest model calls first
+GAMMAS = (1000.0, 500.0, 200.0, 100.0, 50.0, 20.0, 10.0, 5.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
 TUNE_SEED_OFFSET = 1_000_003
 JYS_SEED = 0  # clean data and forward-noise uniforms of the KLUB: fixed, so schedules are shared across --seed
 JYS_SRC_STEPS = 1024  # the fine grid JYS points are snapped to (as in the released code)
