@@ -7,6 +7,9 @@ import sys
 
 import click
 
+from lsdtool import steprules
+from lsdtool.grids import MODES
+
 
 class LsdGroup(click.Group):
     """Turns expected failures into one line on stderr and exit 1; Ctrl-C into exit 130."""
@@ -51,7 +54,7 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 @click.option("--model", "model_name", help="Model: registry name, hub id or local directory.")
 @click.option("--sampler", "sampler_path", type=click.Path(dir_okay=True), help="Distilled sampler artifact (.safetensors); it names the model.")
 @click.option("--steps", type=int, callback=positive, help="Number of steps of a plain sampler.")
-@click.option("--base", type=click.Choice(["euler", "tweedie"]), default="euler", show_default=True)
+@click.option("--base", type=click.Choice(steprules.NAMES), default="euler", show_default=True, help="Step rule.")
 @click.option("--denoise", is_flag=True, help="Add SEDD's final denoise step (one more NFE).")
 @click.option("-n", "num", type=int, callback=non_negative, help="Number of samples  [default: 16, or one per --input line]")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -79,11 +82,13 @@ def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size
         raise ValueError("give --input, or --prefix/--suffix, not both")
     dev = generation.pick_device(sharding.launcher_device(device, os.environ))
     if sampler_path:
-        from lsdtool import artifacts
-
-        sampler, meta = artifacts.load(sampler_path)
-        model = models.load(model_name or meta.get("model_source") or meta["model"], device=dev, offline=offline)
-        artifacts.check_model(meta, model, sampler_path, force)
+        sampler = Sampler.load(sampler_path)
+        meta = sampler.meta
+        source = model_name or meta.get("model_source") or meta.get("model")
+        if not source:
+            raise click.UsageError(f"{sampler_path} names no model: give --model")
+        model = models.load(source, device=dev, offline=offline)
+        sampler = Sampler.load(sampler_path, model=model, force=force)
     else:
         if not model_name or steps is None:
             raise click.UsageError("give --model and --steps, or --sampler ARTIFACT")
@@ -172,8 +177,8 @@ cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False),
 @click.option("--model", "model_name", required=True, help="Model: registry name, hub id or local directory.")
 @click.option("--steps", type=int, callback=positive, help="Student steps M.")
 @click.option("--plus/--no-plus", default=None, help="LSD+: also learn the time schedule.")
-@click.option("--base", type=click.Choice(["euler", "tweedie"]), default=None)
-@click.option("--mode", type=click.Choice(["score", "temperature"]), default=None, help="What Phi multiplies.")
+@click.option("--base", type=click.Choice(steprules.DISTILLABLE), default=None, help="Step rule.")
+@click.option("--mode", type=click.Choice(MODES), default=None, help="What Phi multiplies.")
 @click.option("--objective", type=click.Choice(["teacher-path", "paper"]), default=None)
 @click.option("--teacher-steps", type=int, callback=positive, help="Teacher steps N.")
 @click.option("--samples", type=int, callback=positive, help="Teacher trajectories.")
@@ -190,10 +195,7 @@ cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False),
 def distill(model_name, steps, plus, base, mode, objective, teacher_steps, samples, iters, batch, lr, seed,
             recipe_file, out, refit, cache_dir, device, offline):
     """Distil a few-step sampler; prints the artifact path as the last line of stdout."""
-    import json
-    import shutil
-
-    from lsdtool import artifacts, cache
+    from lsdtool import cache, fileio
     from lsdtool.console import log
 
     overrides = dict(steps=steps, plus=plus, base=base, mode=mode, objective=objective, teacher_steps=teacher_steps,
@@ -206,17 +208,15 @@ def distill(model_name, steps, plus, base, mode, objective, teacher_steps, sampl
 
         dev = generation.pick_device(device)
         model = models.load(model_name, device=dev, offline=offline)
-        path, _ = cache.obtain(model, overrides, cache_dir=cache_dir, refit=refit, device=dev, recipe_file=recipe_file)
-        fit = json.loads(artifacts.read(path)[0]["fit"])
+        sampler = cache.load_or_distill(model, overrides, cache_dir=cache_dir, refit=refit, device=dev,
+                                        recipe_file=recipe_file, log=log)
+        path, fit = sampler.path, sampler.fit
         if fit.get("loss_before") is not None:
             before, after = fit.get("loss_before") or [], fit.get("loss_after") or []
             log(f"fitted in {fit.get('seconds', 0):.1f}s on {fit.get('device')}: {fit.get('loss', 'loss')} "
                 f"{sum(before):.4g} -> {sum(after):.4g}")
     if out:
-        tmp = f"{out}.tmp"
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, out)
-        path = out
+        path = fileio.copy(path, out)
     click.echo(str(path))
 
 
@@ -227,13 +227,14 @@ def inspect(artifact, as_json):
     """Show a sampler artifact: metadata, its grid, step sizes and coefficients."""
     import json
 
-    from lsdtool import artifacts
+    from lsdtool.samplers import Sampler
 
-    sampler, meta = artifacts.load(artifact)
+    sampler = Sampler.load(artifact)
+    meta = sampler.meta
     ts, cs = sampler.timesteps.tolist(), sampler.coeffs.tolist()
     if as_json:
         out = dict(meta)
-        out["fit"] = json.loads(meta["fit"])
+        out["fit"] = sampler.fit
         out.update(timesteps=ts, coeffs=cs)
         click.echo(json.dumps(out))
         return
@@ -242,10 +243,10 @@ def inspect(artifact, as_json):
 
     console = Console()
     info = Table(show_header=False, box=None)
-    for k in ("model", "model_fingerprint", "graph", "noise", "base", "mode", "steps", "plus", "objective",
+    for k in ("model", "model_fingerprint", "graph", "noise", "base", "mode", "steps", "denoise", "plus", "objective",
               "teacher_steps", "seed", "lsdtool_version", "created"):
         info.add_row(k, meta.get(k, ""))
-    fit = json.loads(meta["fit"])
+    fit = sampler.fit
     if fit.get("loss_before"):
         info.add_row("loss before", f"{sum(fit['loss_before']):.5g}")
         info.add_row("loss after", f"{sum(fit['loss_after']):.5g}")
@@ -269,9 +270,9 @@ def cache_group():
 @cache_dir_option
 def cache_path(cache_dir):
     """Print the cache directory."""
-    from lsdtool import cache
+    from lsdtool.locations import cache_root
 
-    click.echo(str(cache.cache_dir(cache_dir)))
+    click.echo(str(cache_root(cache_dir)))
 
 
 @cache_group.command("list")
@@ -282,8 +283,9 @@ def cache_list(cache_dir, as_json):
     import json
 
     from lsdtool import cache
+    from lsdtool.locations import cache_root
 
-    rows = cache.entries(cache.cache_dir(cache_dir))
+    rows = cache.entries(cache_root(cache_dir))
     if as_json:
         click.echo(json.dumps(rows))
         return
@@ -305,22 +307,12 @@ def cache_list(cache_dir, as_json):
 @cache_dir_option
 def cache_rm(paths, remove_all, cache_dir):
     """Remove cached artifacts (by path, or --all)."""
-    from pathlib import Path
-
     from lsdtool import cache
-    from lsdtool.errors import LsdError
+    from lsdtool.locations import cache_root
 
-    root = cache.cache_dir(cache_dir).resolve()
-    targets = sorted(root.rglob("*.safetensors")) if remove_all else [Path(p) for p in paths]
-    if not targets and not remove_all:
+    if not paths and not remove_all:
         raise click.UsageError("give artifact paths or --all")
-    for p in targets:
-        if root not in p.resolve().parents:
-            raise LsdError(f"{p} is not inside the cache {root}")
-        if not p.is_file():
-            raise LsdError(f"{p} is not a cached artifact")
-    for p in targets:
-        p.unlink()
+    for p in cache.remove(paths, cache_root(cache_dir), remove_all):
         click.echo(str(p))
 
 

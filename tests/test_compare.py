@@ -159,7 +159,7 @@ def test_klub_masks_are_nested_and_the_drop_is_positive(countdown):
 
 
 def test_jys_schedules_are_valid_cached_and_reused(countdown, tmp_path, monkeypatch):
-    found = jys.obtain(countdown, [1, 2, 4], cache_dir=tmp_path, n=8, src_steps=16, batch_size=8)
+    found = jys.load_or_search(countdown, [1, 2, 4], cache_dir=tmp_path, n=8, src_steps=16, batch_size=8)
     for steps, (path, sampler) in found.items():
         sampler.check()
         assert path.exists() and sampler.steps == steps and sampler.base == "euler" and (sampler.coeffs == 1).all()
@@ -167,10 +167,10 @@ def test_jys_schedules_are_valid_cached_and_reused(countdown, tmp_path, monkeypa
         assert all(bool((grid - t).abs().min() < 1e-12) for t in sampler.timesteps)  # on the fine grid
     assert torch.equal(found[4][1].timesteps[::2], found[2][1].timesteps)  # hierarchical refinement
     monkeypatch.setattr(jys, "schedules", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
-    again = jys.obtain(countdown, [2, 4], cache_dir=tmp_path, n=8, src_steps=16, batch_size=8)
+    again = jys.load_or_search(countdown, [2, 4], cache_dir=tmp_path, n=8, src_steps=16, batch_size=8)
     assert torch.equal(again[4][1].timesteps, found[4][1].timesteps)
     with pytest.raises(Exception, match="power-of-two"):
-        jys.obtain(countdown, [3], cache_dir=tmp_path, n=8, src_steps=16)
+        jys.load_or_search(countdown, [3], cache_dir=tmp_path, n=8, src_steps=16)
 
 
 def test_jys_reads_token_files(tmp_path):
