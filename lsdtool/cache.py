@@ -58,7 +58,7 @@ def load_or_distill(model, overrides: dict | None = None, *, cache_dir=None, ref
     """The cached :class:`~lsdtool.samplers.Sampler` for ``model`` and the effective recipe (defaults <- shipped
     recipe or ``recipe_file`` <- ``overrides``), distilled and cached on a miss; its ``path`` is the artifact.
     ``recipe`` (a dict of recipe keys) takes the place of a recipe file. ``log`` gets one-line notes."""
-    from lsdtool import distill
+    from lsdtool import distillation
     from lsdtool.samplers import Sampler
 
     if recipe is not None:
@@ -71,7 +71,7 @@ def load_or_distill(model, overrides: dict | None = None, *, cache_dir=None, ref
         except LsdError:
             if log is not None:
                 log(f"cached artifact {path} is unreadable; distilling it again")
-    result = distill.distill(model, effective, device=device)
+    result = distillation.distill(model, effective, device=device)
     artifacts.save(path, result.sampler, artifacts.metadata(model, result.sampler, effective, recipes.to_toml(effective),
                                                             result.fit))
     return Sampler.load(path)

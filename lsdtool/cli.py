@@ -72,7 +72,7 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size, fmt, output, force, shard_spec,
            resume, prefix, suffix, input_path, device, offline):
     """Draw samples; one per line on stdout (or -o FILE)."""
-    from lsdtool import conditioning, console, generation, models, sharding
+    from lsdtool import api, console, generation, sharding
     from lsdtool.samplers import Sampler
 
     shard, num_shards = sharding.parse_shard(shard_spec) if shard_spec else sharding.shard_from_env(os.environ) or (0, 1)
@@ -82,23 +82,14 @@ def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size
         raise ValueError("give --input, or --prefix/--suffix, not both")
     dev = generation.pick_device(sharding.launcher_device(device, os.environ))
     if sampler_path:
-        sampler = Sampler.load(sampler_path)
-        meta = sampler.meta
-        source = model_name or meta.get("model_source") or meta.get("model")
-        if not source:
-            raise click.UsageError(f"{sampler_path} names no model: give --model")
-        model = models.load(source, device=dev, offline=offline)
-        sampler = Sampler.load(sampler_path, model=model, force=force)
+        model, sampler = api.load_artifact(sampler_path, model_name, device=dev, offline=offline, force=force)
     else:
         if not model_name or steps is None:
             raise click.UsageError("give --model and --steps, or --sampler ARTIFACT")
-        model = models.load(model_name, device=dev, offline=offline)
+        model = api.load_model(model_name, device=dev, offline=offline)
         sampler = Sampler.plain(steps, base=base, denoise=denoise)
-    conditions = conditioning.read_input(model, input_path) if input_path else conditioning.from_text(model, prefix, suffix)
-    if num is None:
-        num = len(conditions) if input_path else 16
-    elif input_path and num > len(conditions):
-        raise ValueError(f"-n {num} asks for more samples than {input_path} has lines ({len(conditions)})")
+    conditions = api.conditions(model, prefix, suffix, input_path)
+    num = api.sample_count(num, conditions, input_path)
     indices = list(sharding.shard_range(num, shard, num_shards))
     if num_shards > 1:
         block = f"indices {indices[0]}..{indices[-1]}" if indices else "no indices"
@@ -108,7 +99,7 @@ def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size
 
 
 def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output, conditions=None, resume=False):
-    from lsdtool import conditioning, console, generation, merge
+    from lsdtool import api, conditioning, console, generation, merge
 
     extra = generation.provenance(model, sampler, seed)
     done = merge.resume(output, indices, extra) if resume else 0
@@ -116,10 +107,9 @@ def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output, 
         console.log(f"resuming {output}: {done} of {len(indices)} samples already there")
     out = open(output, "a" if resume else "w", encoding="utf-8") if output else sys.stdout
     try:
-        with console.progress() as bar:
-            task = bar.add_task("sampling", total=(len(indices) - done) * sampler.nfe)
-            on_step = lambda step: bar.advance(task, step.x.shape[0])  # noqa: E731
-            for chunk, x in generation.batches(model, sampler, indices[done:], seed, batch_size, dev, on_step, conditions):
+        with console.Bars() as bars:
+            for chunk, x in api.sample_batches(model, sampler, indices[done:], seed, batch_size=batch_size, device=dev,
+                                               conditions=conditions, progress=bars):
                 given = conditions.given(chunk) if conditions is not None else None
                 for k, (i, row) in enumerate(zip(chunk, x)):
                     fields = extra if given is None else {**extra, "given": conditioning.spans(given[k])}
@@ -195,7 +185,7 @@ cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False),
 def distill(model_name, steps, plus, base, mode, objective, teacher_steps, samples, iters, batch, lr, seed,
             recipe_file, out, refit, cache_dir, device, offline):
     """Distil a few-step sampler; prints the artifact path as the last line of stdout."""
-    from lsdtool import cache, fileio
+    from lsdtool import cache, console, fileio
     from lsdtool.console import log
 
     overrides = dict(steps=steps, plus=plus, base=base, mode=mode, objective=objective, teacher_steps=teacher_steps,
@@ -204,12 +194,12 @@ def distill(model_name, steps, plus, base, mode, objective, teacher_steps, sampl
     if path is not None:  # answered without loading the model or torch
         log(f"cache hit: {path}")
     else:
-        from lsdtool import generation, models
+        from lsdtool import api
 
-        dev = generation.pick_device(device)
-        model = models.load(model_name, device=dev, offline=offline)
-        sampler = cache.load_or_distill(model, overrides, cache_dir=cache_dir, refit=refit, device=dev,
-                                        recipe_file=recipe_file, log=log)
+        model = api.load_model(model_name, device=device, offline=offline)
+        with console.Bars() as bars:
+            sampler = api.distill(model, **overrides, cache_dir=cache_dir, recipe=recipe_file, refit=refit,
+                                  device=model.device, progress=bars, log=log)
         path, fit = sampler.path, sampler.fit
         if fit.get("loss_before") is not None:
             before, after = fit.get("loss_before") or [], fit.get("loss_after") or []
@@ -445,20 +435,22 @@ def _compare_table(result, per_sample_ppl=False):
 def _compare_csv(result, path):
     import csv
 
+    from lsdtool import fileio
+
     keys = []
     for r in result.rows:
         keys += [k for k in r.metrics if k not in keys]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with fileio.atomic_write(path, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(["sampler", "steps", "nfe", "seconds_per_sample", *keys])
         for r in result.rows:
             w.writerow([r.sampler, r.steps, r.nfe, f"{r.seconds_per_sample:.6g}", *[r.metrics.get(k, "") for k in keys]])
-    os.replace(tmp, path)
 
 
 def _compare_plot(result, path, per_sample_ppl=False):
     import matplotlib
+
+    from lsdtool import fileio
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -489,10 +481,9 @@ def _compare_plot(result, path, per_sample_ppl=False):
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp)
+    with fileio.atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
