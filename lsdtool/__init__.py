@@ -5,7 +5,7 @@ The Python API (see README, "Python API"): :func:`load_model`, :func:`distill`, 
 (and ``lsd --help``) does not import torch.
 """
 
-__version__ = "0.1.0"
+from lsdtool.version import __version__
 
 _API = ("load_model", "load_artifact", "distill", "sample", "sample_batches", "conditions", "Sampler")
 

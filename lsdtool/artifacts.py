@@ -52,7 +52,7 @@ def metadata(model, sampler, recipe: dict, recipe_toml: str, fit: dict) -> dict[
 def describe(sampler, meta: dict | None = None) -> dict[str, str]:
     """The metadata block written for ``sampler``: its carried ``meta`` (default ``sampler.meta``)
     with the sampler's own fields (base, mode, steps, denoise, format, version, time) set from it."""
-    from lsdtool import __version__
+    from lsdtool.version import __version__
 
     carried = sampler.meta if meta is None else meta
     out = {k: str(v) for k, v in carried.items() if k not in OWN}

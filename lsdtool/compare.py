@@ -278,7 +278,8 @@ def teacher_row(ctx: CompareSettings, steps: int) -> Row:
     """The teacher reference row (Euler, ``steps`` steps). Its result is kept in the cache under
     compare/, keyed by everything it depends on, so a second identical run does not sample it again;
     such a row says ``details.cached`` and carries the timing of the run that measured it."""
-    from lsdtool import __version__, cache
+    from lsdtool import cache
+    from lsdtool.version import __version__
     from lsdtool.locations import cache_root
 
     key_src = {"model": ctx.model.fingerprint, "steps": steps, "n": ctx.n, "seed": ctx.seed, "metric": ctx.evaluator.name,
@@ -307,7 +308,7 @@ def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: in
         tune_n: int | None = None, jys_samples: int = 256, recipe_file: str | None = None, progress=None,
         log=None) -> Comparison:
     """Run every (sampler, NFE) cell plus the teacher reference row; returns rows (no rendering)."""
-    from lsdtool import __version__
+    from lsdtool.version import __version__
     from lsdtool.generation import pick_device
 
     dev = device if isinstance(device, torch.device) else pick_device(device)

@@ -4,18 +4,17 @@ import os
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from lsdtool import artifacts
 from lsdtool.samplers import Sampler
-from lsdtool.cli import main
+from conftest import run_cli
 
 FAST = ["--teacher-steps", "32", "--samples", "8", "--batch", "8", "--iters", "2"]
 
 
 def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+    return run_cli(*args)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,9 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from lsdtool import compare, jys
-from lsdtool.cli import main
+from conftest import run_cli
 from lsdtool.diffusion import LogLinear
 from lsdtool.metrics import countdown_errors, generative_perplexity, sequence_nll, unigram_entropy
 
@@ -17,7 +16,7 @@ TINY_RECIPE = 'teacher_steps = 16\nsamples = 8\nbatch = 8\ncandidates = 8\niters
 
 
 def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return run_cli(*args, catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +118,7 @@ def test_plot_is_a_png(tmp_path):
 def test_missing_matplotlib_is_one_line(tmp_path, monkeypatch):
     png = tmp_path / "p.png"
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    r = CliRunner().invoke(main, ["compare", "--model", "countdown", "--steps", "2", "-n", "2", "--plot", str(png)])
+    r = run_cli("compare", "--model", "countdown", "--steps", "2", "-n", "2", "--plot", png)
     assert r.exit_code == 1 and "matplotlib" in r.stderr and "Traceback" not in r.stderr and r.stdout == ""
 
 

@@ -19,7 +19,7 @@ def load(name_or_path: str, device=None, offline: bool | None = None) -> Diffusi
 
         model = CountdownModel()
     elif is_checkpoint_name(name_or_path):
-        from lsdtool.models.pretrained import load_pretrained
+        from lsdtool.models.loading import load_pretrained
 
         model = load_pretrained(name_or_path, offline=offline)
     else:
