@@ -36,7 +36,8 @@ SCHEMA: dict[str, tuple[type, object, tuple | None, str]] = {
 }
 POSITIVE = ("steps", "teacher_steps", "samples", "batch", "candidates")
 
-RECIPE_DIRS = [Path(__file__).resolve().parent.parent / "recipes", Path(__file__).resolve().parent / "recipes"]
+# Shipped recipes: inside the installed package (copied there by the build), else the checkout's recipes/.
+RECIPE_DIRS = [Path(__file__).resolve().parent / "recipes", Path(__file__).resolve().parent.parent / "recipes"]
 
 
 def defaults() -> dict:
