@@ -61,7 +61,7 @@ def load_artifact(path: str | Path, model_name: str | None = None, device=None, 
     sampler = Sampler.load(path)
     source = model_name or sampler.meta.get("model_source") or sampler.meta.get("model")
     if not source:
-        raise LsdError(f"{path} is a plain sampler that names no model: give the model")
+        raise LsdError(f"{path} is a plain sampler that names no model; say which model to use (--model)")
     model = load_model(source, device=device, offline=offline)
     return model, Sampler.load(path, model=model, force=force)
 
@@ -100,7 +100,7 @@ def sample_batches(model, sampler: Sampler, indices, seed: int = 0, *, batch_siz
     if conditions is not None and len(conditions) > 1 and indices and max(indices) >= len(conditions):
         raise ValueError(f"sample {max(indices)} asked for, but the input has {len(conditions)} lines")
     dev = torch.device(device) if device is not None else getattr(model, "device", torch.device("cpu"))
-    if device is not None:
+    if device is not None and dev != getattr(model, "device", None):
         model.to(dev)
     total, done = len(indices) * sampler.nfe, 0
 

@@ -200,13 +200,19 @@ def _progress(ctx: CompareSettings, description: str, total: int):
 
 def draw(ctx: CompareSettings, sampler: Sampler, n: int, seed: int, description: str = "") -> tuple[torch.Tensor, float]:
     """Samples 0..n-1 for ``seed`` (CPU tokens) and the wall time spent sampling."""
-    from lsdtool.generation import batches
+    from lsdtool.api import sample_batches
 
     advance = _progress(ctx, description, n * sampler.nfe)
-    on_step = lambda step: advance(step.x.shape[0])  # noqa: E731
+    reported = [0]
+
+    def progress(_description, done, _total):
+        advance(done - reported[0])
+        reported[0] = done
+
     out = []
     start = time.perf_counter()
-    for _, x in batches(ctx.model, sampler, list(range(n)), seed, ctx.batch_size, ctx.device, on_step):
+    for _, x in sample_batches(ctx.model, sampler, n, seed, batch_size=ctx.batch_size, device=ctx.device,
+                               progress=progress):
         out.append(x)
     return torch.cat(out), time.perf_counter() - start
 
