@@ -206,7 +206,8 @@ def distill(model_name, steps, plus, base, mode, objective, teacher_steps, sampl
             log(f"fitted in {fit.get('seconds', 0):.1f}s on {fit.get('device')}: {fit.get('loss', 'loss')} "
                 f"{sum(before):.4g} -> {sum(after):.4g}")
     if out:
-        path = fileio.copy(path, out)
+        fileio.copy(path, out)
+        path = out
     click.echo(str(path))
 
 

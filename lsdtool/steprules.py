@@ -19,7 +19,6 @@ class StepRule:
     absorbing_only: bool  # needs an absorbing (masked) model
     step: str  # "module:function" of the step generator, imported lazily
     distillable: bool  # LSD can fit its coefficients (the rule has a one-step kernel, step_rows)
-    summary: str = ""
 
     def step_function(self):
         """The step generator ``step(run, k, x)``, imported on first use."""
@@ -28,11 +27,10 @@ class StepRule:
 
 
 RULES: dict[str, StepRule] = {rule.name: rule for rule in (
-    StepRule("euler", 1, False, "lsdtool.samplers:one_call_step", True, "Euler step of the reverse CTMC"),
-    StepRule("tweedie", 1, False, "lsdtool.samplers:one_call_step", True, "Tweedie step (exact for one sigma increment)"),
-    StepRule("count", 1, True, "lsdtool.samplers:count_step", False, "fixed-count random-order unmasking"),
-    StepRule("theta-trapezoidal", 2, False, "lsdtool.samplers:trapezoidal_step", False,
-             "second-order two-stage rule, theta = 1/2"),
+    StepRule("euler", 1, False, "lsdtool.samplers:one_call_step", True),
+    StepRule("tweedie", 1, False, "lsdtool.samplers:one_call_step", True),
+    StepRule("count", 1, True, "lsdtool.samplers:count_step", False),  # fixed-count random order
+    StepRule("theta-trapezoidal", 2, False, "lsdtool.samplers:trapezoidal_step", False),  # second order, theta = 1/2
 )}
 NAMES: tuple[str, ...] = tuple(RULES)  # every rule: `lsd sample --base`, compare's plain rows, artifacts
 DISTILLABLE: tuple[str, ...] = tuple(r.name for r in RULES.values() if r.distillable)  # recipe `base`, `lsd distill --base`
