@@ -15,7 +15,7 @@ from lsdtool.samplers import Sampler, count_schedule, iterate, sample
 class ContextModel:
     """An absorbing model whose log score at position j depends on the tokens at j and j-1 (random tables)."""
 
-    graph, name = "absorb", "context"
+    graph, name, device = "absorb", "context", torch.device("cpu")
 
     def __init__(self, vocab=9, length=24, seed=0):
         self.vocab_size, self.seq_len, self.noise = vocab, length, LogLinear(1e-3)
@@ -174,15 +174,16 @@ def test_artifacts_round_trip_the_rules_and_their_options(countdown, tmp_path):
                           torch.tensor([1.0, 1.3, 0.8], dtype=torch.float64), base, "score", options=options)
         path = artifacts.save(tmp_path / f"{base}.safetensors", sampler,
                               artifacts.metadata(countdown, sampler, {"steps": 3}, "", {}))
-        back, meta = artifacts.load(path)
-        assert back.base == base and back.options == options and meta["base"] == base
+        back = Sampler.load(path, model=countdown)
+        assert back.base == base and back.options == options and back.meta["base"] == base
         assert torch.equal(back.timesteps, sampler.timesteps) and torch.equal(back.coeffs, sampler.coeffs)
         index = torch.arange(4)
         assert torch.equal(sample(countdown, back, index, 2), sample(countdown, sampler, index, 2))
+    from safetensors.torch import save_file
+
     bad = Sampler.plain(2, "entropy-bound", options={"gamma": 1.0})
-    meta = artifacts.metadata(countdown, bad, {"steps": 2}, "", {})
-    meta["options"] = '{"gamma": "wide"}'
-    artifacts.save(tmp_path / "bad.safetensors", bad, meta)
+    meta = {**artifacts.describe(bad), "options": '{"gamma": "wide"}'}  # a file written by something else
+    save_file({"timesteps": bad.timesteps, "coeffs": bad.coeffs}, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(LsdError, match="out of range"):
         artifacts.read(tmp_path / "bad.safetensors")
 
@@ -317,9 +318,9 @@ def test_compare_drives_confidence_with_the_distilled_grid(countdown, tmp_path):
 
     recipe = tmp_path / "tiny.toml"
     recipe.write_text('teacher_steps = 16\nsamples = 8\nbatch = 8\ncandidates = 8\niters = 1\nseed = 0\n')
-    ctx = compare.Context(countdown, 4, 1, 4, torch.device("cpu"), compare.CountdownEval(), str(tmp_path),
-                          recipe_file=str(recipe), quiet=True)
-    driven, info = compare.build(ctx, "lsd+:confidence", 3, {})
-    plus, _ = compare.build(ctx, "lsd+", 3, {})
+    ctx = compare.CompareSettings(countdown, 4, 1, 4, torch.device("cpu"), compare.CountdownEval(), str(tmp_path),
+                                  recipe_file=str(recipe))
+    driven, info = compare.cell_sampler(ctx, "lsd+:confidence", 3, {})
+    plus, _ = compare.cell_sampler(ctx, "lsd+", 3, {})
     assert driven.base == "confidence" and plus.base == "euler" and info["artifact"]
     assert torch.equal(driven.timesteps, plus.timesteps) and not torch.equal(plus.timesteps, Sampler.plain(3).timesteps)

@@ -1,0 +1,55 @@
+"""Checks of a sampler's grid, coefficients and rule options in pure Python (no torch): shared by
+:meth:`lsdtool.samplers.Sampler.check` and the artifact reader."""
+
+from __future__ import annotations
+
+import math
+
+from lsdtool import steprules
+
+MODES = ("score", "temperature")  # what Phi multiplies: the concrete score, or the log score
+
+
+def grid_problem(ts: list[float], cs: list[float], base: str, mode: str) -> str | None:
+    """What is wrong with a grid tau_0 > ... > tau_M in (0, 1] and coefficients Phi_1..M, or None."""
+    if base not in steprules.RULES:
+        return f"unknown base {base!r} (expected one of {', '.join(steprules.NAMES)})"
+    if mode not in MODES:
+        return f"unknown mode {mode!r} (expected {' or '.join(MODES)})"
+    if len(cs) < 1 or len(ts) != len(cs) + 1:
+        return f"timesteps ({len(ts)}) and coeffs ({len(cs)}) do not match (need M+1 and M, M >= 1)"
+    if not all(math.isfinite(v) for v in ts + cs):
+        return "timesteps or coeffs contain NaN or inf"
+    if not all(b < a for a, b in zip(ts, ts[1:])):
+        return "timesteps are not strictly decreasing"
+    if ts[-1] <= 0 or ts[0] > 1:
+        return f"timesteps must lie in (0, 1], got {ts[0]:g} .. {ts[-1]:g}"
+    if mode == "score" and not all(c > 0 for c in cs):
+        return "score-mode coefficients must be positive"
+    return None
+
+
+# the options of the step rules that take any (lsdtool.adaptive): name -> allowed values (a tuple) or a check of a number
+OPTIONS = {
+    "confidence": {"temperature": lambda v: v > 0, "score": ("probability", "margin")},
+    "entropy-bound": {"temperature": lambda v: v > 0, "gamma": lambda v: v >= 0},
+}
+
+
+def options_problem(base: str, options, denoise: bool = False) -> str | None:
+    """What is wrong with a step rule's options (a dict), or None."""
+    if not isinstance(options, dict):
+        return "options must be a mapping"
+    allowed = OPTIONS.get(base, {})
+    for key, value in options.items():
+        check = allowed.get(key)
+        if check is None:
+            return f"base {base!r} takes no option {key!r}" + (f" (it takes {', '.join(allowed)})" if allowed else "")
+        if isinstance(check, tuple):
+            if value not in check:
+                return f"option {key} must be one of {', '.join(check)}, got {value!r}"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not check(value):
+            return f"option {key} = {value!r} is out of range"
+    if denoise and base in OPTIONS:
+        return f"the {base} rule fills every mask itself and takes no denoise step"
+    return None
