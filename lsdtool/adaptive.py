@@ -24,7 +24,7 @@ Neither rule samples the model's joint distribution: both prefer likely tokens a
 diversity for per-token quality.
 
 A rule's options live in :attr:`Sampler.options <lsdtool.samplers.Sampler>` (checked by
-:func:`lsdtool.artifacts.options_problem`): ``temperature`` (> 0, default 1) for both, ``score``
+:func:`lsdtool.grids.options_problem`): ``temperature`` (> 0, default 1) for both, ``score``
 (``probability`` | ``margin``) for confidence, ``gamma`` (>= 0) for entropy-bound.
 """
 

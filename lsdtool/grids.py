@@ -36,7 +36,7 @@ OPTIONS = {
 }
 
 
-def options_problem(base: str, options, denoise: bool = False) -> str | None:
+def options_problem(base: str, options) -> str | None:
     """What is wrong with a step rule's options (a dict), or None."""
     if not isinstance(options, dict):
         return "options must be a mapping"
@@ -50,6 +50,4 @@ def options_problem(base: str, options, denoise: bool = False) -> str | None:
                 return f"option {key} must be one of {', '.join(check)}, got {value!r}"
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not check(value):
             return f"option {key} = {value!r} is out of range"
-    if denoise and base in OPTIONS:
-        return f"the {base} rule fills every mask itself and takes no denoise step"
     return None

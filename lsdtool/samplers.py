@@ -117,7 +117,7 @@ class Sampler:
         if ts.ndim != 1 or cs.ndim != 1:
             raise ValueError(f"timesteps {tuple(ts.shape)} and coeffs {tuple(cs.shape)} must be vectors")
         problem = grid_problem(ts.tolist(), cs.tolist(), self.base, self.mode)
-        problem = problem or options_problem(self.base, self.options, self.denoise)
+        problem = problem or options_problem(self.base, self.options)
         if problem:
             raise ValueError(problem)
 

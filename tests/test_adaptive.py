@@ -164,8 +164,6 @@ def test_adaptive_rules_need_an_absorbing_model_and_valid_options():
                                   ("confidence", {"score": "top"}, "one of")]:
         with pytest.raises(ValueError, match=needle):
             Sampler.plain(3, base, options=options).check()
-    with pytest.raises(ValueError, match="denoise"):
-        Sampler.plain(3, "entropy-bound", denoise=True).check()
 
 
 def test_artifacts_round_trip_the_rules_and_their_options(countdown, tmp_path):
