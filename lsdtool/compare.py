@@ -36,10 +36,10 @@ from lsdtool import steprules
 from lsdtool.samplers import DEFAULT_EPS, Sampler, power_grid
 
 DEFAULT_SAMPLERS = ("euler", "tweedie", "lsd", "lsd+")
-ADAPTIVE = ("entropy-bound",)  # rules whose calls vary per sample: tuned to each NFE column
-PLAIN = tuple(n for n in steprules.NAMES if n not in ADAPTIVE)  # one row per step rule of the table
+PLAIN = steprules.NAMES  # one row per step rule of the table
+ADAPTIVE = ("entropy-bound",)  # rules whose calls vary per sample: a rule option is tuned to each NFE column
 CONTROLS = ("euler-temp", "power")
-KNOWN = PLAIN + ADAPTIVE + ("jys",) + CONTROLS + ("lsd", "lsd+")
+KNOWN = PLAIN + ("jys",) + CONTROLS + ("lsd", "lsd+")
 UNFAITHFUL = ("confidence", "entropy-bound")  # rules that pick positions by the model's confidence
 LSD_VARIANTS = {"paper": ("objective", "paper"), "teacher-path": ("objective", "teacher-path"),
                 "score": ("mode", "score"), "temperature": ("mode", "temperature"),
@@ -266,10 +266,10 @@ def cell_sampler(ctx: CompareSettings, name: str, nfe: int, jys_cache: dict) -> 
     head = name.split(":")[0]
     if head in steprules.RULES and steprules.RULES[head].absorbing_only and model.graph != "absorb":
         raise Skip(f"{head} needs an absorbing model; {model.name} is {model.graph}")
+    if head in ADAPTIVE:
+        return _tune_gamma(ctx, nfe, jys_cache.setdefault("_gamma", {}))
     if head in PLAIN:
         return Sampler.plain(steps, base=head), {}
-    if head == "entropy-bound":
-        return _tune_gamma(ctx, nfe, jys_cache.setdefault("_gamma", {}))
     if head == "euler-temp":
         def make(c):
             return Sampler(Sampler.plain(steps).timesteps, torch.full((steps,), float(c), dtype=torch.float64), "euler", "temperature")
