@@ -7,19 +7,34 @@ import sys
 
 import click
 
+from lsdtool import bounds
+
 
 class LsdGroup(click.Group):
-    """Turns expected failures into one line on stderr and exit 1; Ctrl-C into exit 130."""
+    """Turns expected failures into one line on stderr and exit 1; Ctrl-C into exit 130, SIGTERM
+    into exit 143 (both after cleaning up temp files); a closed stdout pipe into a quiet exit 0."""
 
     def invoke(self, ctx):
-        from lsdtool.errors import LsdError
+        from lsdtool import faults
+        from lsdtool.errors import LsdError, describe
 
         try:
-            return super().invoke(ctx)
-        except (LsdError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            with faults.terminate_as_exception():
+                return super().invoke(ctx)
+        except BrokenPipeError:  # the reader (e.g. `| head`) has what it wanted; 0 keeps `set -o pipefail` scripts going
+            faults.silence_stdout()
+            ctx.exit(0)
+        except OSError as exc:  # disk full, quota, read-only, permissions, ...
+            raise click.ClickException(describe(exc)) from None
+        except (LsdError, ValueError) as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-        except OSError as exc:  # disk full, read-only cache, ...
-            raise click.ClickException(f"{exc.strerror or exc} ({exc.filename or 'I/O error'})") from None
+        except (MemoryError, RuntimeError) as exc:
+            if not faults.out_of_memory(exc):
+                raise
+            raise click.ClickException(faults.out_of_memory(exc)) from None
+        except faults.Terminated:
+            click.echo("terminated", err=True)
+            ctx.exit(143)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
@@ -50,15 +65,16 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 @main.command()
 @click.option("--model", "model_name", help="Model: registry name, hub id or local directory.")
 @click.option("--sampler", "sampler_path", type=click.Path(dir_okay=True), help="Distilled sampler artifact (.safetensors); it names the model.")
-@click.option("--steps", type=int, callback=positive, help="Number of steps of a plain sampler.")
+@click.option("--steps", type=int, callback=bounds.steps_range, help="Number of steps of a plain sampler.")
 @click.option("--base", type=click.Choice(["euler", "tweedie"]), default="euler", show_default=True)
 @click.option("--denoise", is_flag=True, help="Add SEDD's final denoise step (one more NFE).")
-@click.option("-n", "num", type=int, callback=non_negative, help="Number of samples  [default: 16, or one per --input line]")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True, callback=positive)
+@click.option("-n", "num", type=int, callback=bounds.count_range, help="Number of samples  [default: 16, or one per --input line]")
+@click.option("--seed", type=int, default=0, show_default=True, callback=bounds.seed_range, help="0..2**64-1.")
+@click.option("--batch-size", type=int, default=64, show_default=True, callback=bounds.batch_range)
 @click.option("--format", "fmt", type=click.Choice(["text", "jsonl", "tokens"]), default="text", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write samples here instead of stdout.")
-@click.option("--force", is_flag=True, help="Use an artifact even if it was distilled for another model.")
+@click.option("--force", is_flag=True, help="Override a safety refusal: use an artifact distilled for another model; "
+              "replace a non-empty -o FILE.")
 @click.option("--shard", "shard_spec", metavar="I/N", help="Draw only block I of N of the indices 0..n-1 (default: from RANK/WORLD_SIZE or SLURM).")
 @click.option("--resume", is_flag=True, help="Keep the complete samples already in -o FILE (jsonl) and draw the rest.")
 @click.option("--prefix", help="Text every sample starts with (kept fixed).")
@@ -69,7 +85,7 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size, fmt, output, force, shard_spec,
            resume, prefix, suffix, input_path, device, offline):
     """Draw samples; one per line on stdout (or -o FILE)."""
-    from lsdtool import conditioning, console, generation, models, sharding
+    from lsdtool import conditioning, console, generation, merge, models, sharding
     from lsdtool.samplers import Sampler
 
     shard, num_shards = sharding.parse_shard(shard_spec) if shard_spec else sharding.shard_from_env(os.environ) or (0, 1)
@@ -77,6 +93,9 @@ def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size
         raise ValueError("--resume needs -o FILE and --format jsonl")
     if input_path and (prefix is not None or suffix is not None):
         raise ValueError("give --input, or --prefix/--suffix, not both")
+    path = sharding.shard_path(output, shard, num_shards) if output else None
+    if path:
+        merge.check_output(path, resume, force, input_path)
     dev = generation.pick_device(sharding.launcher_device(device, os.environ))
     if sampler_path:
         from lsdtool import artifacts
@@ -94,23 +113,23 @@ def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size
         num = len(conditions) if input_path else 16
     elif input_path and num > len(conditions):
         raise ValueError(f"-n {num} asks for more samples than {input_path} has lines ({len(conditions)})")
-    indices = list(sharding.shard_range(num, shard, num_shards))
+    indices = sharding.shard_range(num, shard, num_shards)
     if num_shards > 1:
         block = f"indices {indices[0]}..{indices[-1]}" if indices else "no indices"
         console.log(f"shard {shard}/{num_shards}: {block} of {num}")
-    path = sharding.shard_path(output, shard, num_shards) if output else None
-    _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, path, conditions, resume)
+    _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, path, conditions, resume, force)
 
 
-def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output, conditions=None, resume=False):
+def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output, conditions=None, resume=False, force=False):
+    import contextlib
+
     from lsdtool import conditioning, console, generation, merge
 
     extra = generation.provenance(model, sampler, seed)
-    done = merge.resume(output, indices, extra) if resume else 0
-    if done:
-        console.log(f"resuming {output}: {done} of {len(indices)} samples already there")
-    out = open(output, "a" if resume else "w", encoding="utf-8") if output else sys.stdout
-    try:
+    opened = merge.open_output(output, indices, extra, resume, force) if output else contextlib.nullcontext((sys.stdout.buffer, 0))
+    with opened as (out, done):
+        if done:
+            console.log(f"resuming {output}: {done} of {len(indices)} samples already there")
         with console.progress() as bar:
             task = bar.add_task("sampling", total=(len(indices) - done) * sampler.nfe)
             on_step = lambda step: bar.advance(task, step.x.shape[0])  # noqa: E731
@@ -118,11 +137,8 @@ def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output, 
                 given = conditions.given(chunk) if conditions is not None else None
                 for k, (i, row) in enumerate(zip(chunk, x)):
                     fields = extra if given is None else {**extra, "given": conditioning.spans(given[k])}
-                    out.write(generation.record(model, i, row, fmt, fields) + "\n")
+                    out.write((generation.record(model, i, row, fmt, fields) + "\n").encode("utf-8"))
                 out.flush()
-    finally:
-        if output:
-            out.close()
 
 
 @main.command("models")
