@@ -6,7 +6,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -45,72 +44,87 @@ def metadata(model, sampler, recipe: dict, recipe_toml: str, fit: dict) -> dict[
 
 
 def save(path: str | Path, sampler, meta: dict[str, str]) -> Path:
-    """Write atomically: a temp file in the same directory, fsync, then ``os.replace``."""
-    from safetensors.torch import save_file
+    """Write atomically through :func:`lsdtool.fileio.write_bytes` (a full disk is an OSError naming ``path``)."""
+    from safetensors.torch import save
+
+    from lsdtool import fileio
 
     sampler.check()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"timesteps": sampler.timesteps.detach().double().cpu().contiguous(),
                "coeffs": sampler.coeffs.detach().double().cpu().contiguous()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return fileio.write_bytes(path, save(tensors, metadata={k: str(v) for k, v in meta.items()}))
+
+
+MAX_HEADER = 1 << 24  # bytes; an artifact's header (metadata, recipe, fit record) is a few KiB
+PHI_RANGE = (1e-3, 1e3)  # sane coefficients: the untrained Phi is 1 and a fit moves it by far less than 1000x
+
+
+def _read_parts(path: Path) -> tuple[dict, dict[str, list[float]]]:
+    """(header, {tensor: values}) read by seeking: the 8-byte length, the header, the two vectors.
+    Sizes are checked before anything is read, so memory stays small whatever the file's size."""
+    from lsdtool.bounds import STEPS_LIMIT
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise ValueError(f"{size} bytes is shorter than a safetensors header")
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        if header_size > size - 8:
+            raise ValueError("header runs past the end of the file")
+        if header_size > MAX_HEADER:
+            raise ValueError(f"a header of {header_size} bytes is more than an artifact's {MAX_HEADER}")
+        header = json.loads(f.read(header_size))
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+        values = {}
+        for name in ("timesteps", "coeffs"):
+            entry = header.get(name)
+            if entry is None:
+                continue
+            try:
+                begin, end = entry["data_offsets"]
+                (n,) = entry["shape"]
+                ok = (entry["dtype"] == "F64" and isinstance(n, int) and 1 <= n <= STEPS_LIMIT + 1 and 0 <= begin
+                      and end - begin == 8 * n and 8 + header_size + end <= size)
+            except (KeyError, TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise LsdError(f"{path}: tensor {name} is not a float64 vector of at most {STEPS_LIMIT + 1} values inside the file")
+            f.seek(8 + header_size + begin)
+            values[name] = list(struct.unpack(f"<{n}d", f.read(8 * n)))
+    return header, values
 
 
 def read(path: str | Path) -> tuple[dict[str, str], list[float], list[float]]:
     """Metadata, timesteps and coeffs of an artifact, read and validated in pure Python (no torch):
     a cache hit is answered from this alone. Every problem is one LsdError naming the file."""
+    from lsdtool.errors import describe
+
     path = Path(path)
     if not path.exists():
         raise LsdError(f"sampler artifact {path} does not exist")
     if path.is_dir():
         raise LsdError(f"sampler artifact {path} is a directory, not a .safetensors file")
     try:
-        raw = path.read_bytes()
+        header, values = _read_parts(path)
     except OSError as exc:
-        raise LsdError(f"cannot read sampler artifact {path} ({exc.strerror})") from None
-    try:
-        (size,) = struct.unpack("<Q", raw[:8])
-        if size > len(raw) - 8:
-            raise ValueError("header runs past the end of the file")
-        header = json.loads(raw[8 : 8 + size])
-        if not isinstance(header, dict):
-            raise ValueError("header is not an object")
-    except (struct.error, ValueError, UnicodeDecodeError) as exc:
-        raise LsdError(f"{path} is not a readable safetensors file ({exc})") from None
+        raise LsdError(f"cannot read sampler artifact {path} ({describe(exc)})") from None
+    except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise LsdError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise LsdError(f"{path} is not an lsd sampler artifact (its metadata is not an object)")
     if meta.get("format") != FORMAT:
-        raise LsdError(f"{path} is not an lsd sampler artifact (format {meta.get('format')!r})")
+        raise LsdError(f"{path} is not an lsd sampler artifact (format {str(meta.get('format'))[:40]!r})")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise LsdError(f"{path} has format_version {meta.get('format_version')!r}; this lsd reads {FORMAT_VERSION}")
-    missing = [k for k in REQUIRED if k not in meta] + [k for k in ("timesteps", "coeffs") if k not in header]
+        raise LsdError(f"{path} has format_version {str(meta.get('format_version'))[:40]!r}; this lsd reads {FORMAT_VERSION}")
+    missing = [k for k in REQUIRED if k not in meta] + [k for k in ("timesteps", "coeffs") if k not in values]
     if missing:
         raise LsdError(f"{path} lacks {', '.join(missing)}")
-    values = {}
-    for name in ("timesteps", "coeffs"):
-        entry = header[name]
-        try:
-            begin, end = entry["data_offsets"]
-            (n,) = entry["shape"]
-            ok = entry["dtype"] == "F64" and end - begin == 8 * n and 8 + size + end <= len(raw)
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise LsdError(f"{path}: tensor {name} is not a float64 vector inside the file")
-        values[name] = list(struct.unpack(f"<{n}d", raw[8 + size + begin : 8 + size + end]))
     try:
         json.loads(meta["fit"])
         steps = int(meta["steps"])
-    except ValueError:
+    except (TypeError, ValueError):
         raise LsdError(f"{path} has malformed metadata (steps or fit)") from None
     ts, cs = values["timesteps"], values["coeffs"]
     problem = grid_problem(ts, cs, meta["base"], meta["mode"])
@@ -147,8 +161,14 @@ def grid_problem(ts: list[float], cs: list[float], base: str, mode: str, bases=(
         return "timesteps are not strictly decreasing"
     if ts[-1] <= 0 or ts[0] > 1:
         return f"timesteps must lie in (0, 1], got {ts[0]:g} .. {ts[-1]:g}"
+    if abs(ts[0] - 1) > 1e-9:
+        return f"the grid must start at tau_0 = 1 (pure noise), got {ts[0]:g}"
     if mode == "score" and not all(c > 0 for c in cs):
         return "score-mode coefficients must be positive"
+    low, high = PHI_RANGE
+    outside = [c for c in cs if not low <= c <= high]
+    if outside:
+        return f"coefficient Phi = {outside[0]:g} lies outside the sane range [{low:g}, {high:g}]"
     return None
 
 

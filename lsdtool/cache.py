@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from lsdtool import artifacts, recipes
+from lsdtool import artifacts, fileio, recipes
 from lsdtool.errors import LsdError
 
 
@@ -75,14 +75,28 @@ def obtain(model, overrides: dict | None = None, *, cache_dir=None, refit: bool 
 
 
 def entries(root: Path) -> list[dict]:
-    """Every artifact under the cache root with its main metadata; unreadable files are listed as such."""
+    """Every artifact under the cache root with its main metadata; unreadable files are listed as such,
+    and so are temp files (``"temp": true``), with ``"stale": true`` where no process is writing them
+    any more (an interrupted write: :func:`prune` removes those)."""
     rows = []
     for path in sorted(root.rglob("*.safetensors")) if root.exists() else []:
         try:
-            sampler, meta = artifacts.load(path)
-            rows.append({"path": str(path), "model": meta["model"], "steps": sampler.steps, "plus": meta["plus"] == "true",
-                         "base": sampler.base, "mode": sampler.mode, "objective": meta.get("objective", ""),
+            meta, _, cs = artifacts.read(path)
+            rows.append({"path": str(path), "model": meta["model"], "steps": len(cs), "plus": meta["plus"] == "true",
+                         "base": meta["base"], "mode": meta["mode"], "objective": meta.get("objective", ""),
                          "created": meta["created"], "bytes": path.stat().st_size})
         except LsdError as exc:
             rows.append({"path": str(path), "error": str(exc)})
+    for path in temp_files(root):
+        rows.append({"path": str(path), "temp": True, "stale": not fileio.in_use(path), "bytes": path.stat().st_size})
     return rows
+
+
+def temp_files(root: Path) -> list[Path]:
+    """Temp files under the cache root (see :func:`lsdtool.fileio.is_temp`), stale or still being written."""
+    return sorted(p for p in root.rglob(f"*{fileio.TEMP_SUFFIX}") if fileio.is_temp(p)) if root.exists() else []
+
+
+def prune(root: Path) -> list[Path]:
+    """Remove the temp files under the cache root that no running lsd is still writing; the removed paths."""
+    return [p for p in temp_files(root) if fileio.remove_if_stale(p)]

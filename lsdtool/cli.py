@@ -40,18 +40,6 @@ class LsdGroup(click.Group):
             ctx.exit(130)
 
 
-def positive(ctx, param, value):
-    if value is not None and value <= 0:
-        raise click.BadParameter("must be at least 1")
-    return value
-
-
-def non_negative(ctx, param, value):
-    if value is not None and value < 0:
-        raise click.BadParameter("must not be negative")
-    return value
-
-
 @click.group(cls=LsdGroup, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "LSD"})
 @click.version_option(package_name="lsdtool")
 def main():
@@ -186,17 +174,17 @@ cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False),
 
 @main.command()
 @click.option("--model", "model_name", required=True, help="Model: registry name, hub id or local directory.")
-@click.option("--steps", type=int, callback=positive, help="Student steps M.")
+@click.option("--steps", type=int, callback=bounds.steps_range, help="Student steps M.")
 @click.option("--plus/--no-plus", default=None, help="LSD+: also learn the time schedule.")
 @click.option("--base", type=click.Choice(["euler", "tweedie"]), default=None)
 @click.option("--mode", type=click.Choice(["score", "temperature"]), default=None, help="What Phi multiplies.")
 @click.option("--objective", type=click.Choice(["teacher-path", "paper"]), default=None)
-@click.option("--teacher-steps", type=int, callback=positive, help="Teacher steps N.")
-@click.option("--samples", type=int, callback=positive, help="Teacher trajectories.")
-@click.option("--iters", type=int, callback=non_negative, help="Optimiser iterations (0: untrained).")
-@click.option("--batch", type=int, callback=positive, help="Trajectories per batch.")
-@click.option("--lr", type=float, help="Learning rate.")
-@click.option("--seed", type=int, help="Seed of the teacher trajectories.")
+@click.option("--teacher-steps", type=int, callback=bounds.steps_range, help="Teacher steps N.")
+@click.option("--samples", type=int, callback=bounds.in_range(1, bounds.INDEX_LIMIT), help="Teacher trajectories.")
+@click.option("--iters", type=int, callback=bounds.in_range(0, bounds.ITERS_LIMIT), help="Optimiser iterations (0: untrained).")
+@click.option("--batch", type=int, callback=bounds.batch_range, help="Trajectories per batch.")
+@click.option("--lr", type=float, callback=bounds.positive_finite, help="Learning rate.")
+@click.option("--seed", type=int, callback=bounds.seed_range, help="Seed of the teacher trajectories (0..2**64-1).")
 @click.option("--recipe", "recipe_file", type=click.Path(), help="TOML recipe (default: the shipped one for the model).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also copy the artifact here.")
 @click.option("--refit", is_flag=True, help="Distil again even on a cache hit.")
@@ -207,19 +195,21 @@ def distill(model_name, steps, plus, base, mode, objective, teacher_steps, sampl
             recipe_file, out, refit, cache_dir, device, offline):
     """Distil a few-step sampler; prints the artifact path as the last line of stdout."""
     import json
-    import shutil
 
-    from lsdtool import artifacts, cache
+    from lsdtool import artifacts, cache, fileio
     from lsdtool.console import log
 
     overrides = dict(steps=steps, plus=plus, base=base, mode=mode, objective=objective, teacher_steps=teacher_steps,
                      samples=samples, iters=iters, batch=batch, lr=lr, seed=seed)
+    if out:
+        fileio.check_file(out)
     path = None if refit else cache.lookup(model_name, overrides, cache_dir=cache_dir, recipe_file=recipe_file, offline=offline)
     if path is not None:  # answered without loading the model or torch
         log(f"cache hit: {path}")
     else:
         from lsdtool import generation, models
 
+        fileio.check_dir(cache.cache_dir(cache_dir))  # before the fit, not after it
         dev = generation.pick_device(device)
         model = models.load(model_name, device=dev, offline=offline)
         path, _ = cache.obtain(model, overrides, cache_dir=cache_dir, refit=refit, device=dev, recipe_file=recipe_file)
@@ -229,10 +219,7 @@ def distill(model_name, steps, plus, base, mode, objective, teacher_steps, sampl
             log(f"fitted in {fit.get('seconds', 0):.1f}s on {fit.get('device')}: {fit.get('loss', 'loss')} "
                 f"{sum(before):.4g} -> {sum(after):.4g}")
     if out:
-        tmp = f"{out}.tmp"
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, out)
-        path = out
+        path = fileio.copy(path, out)
     click.echo(str(path))
 
 
@@ -308,7 +295,9 @@ def cache_list(cache_dir, as_json):
 
     table = Table("model", "sampler", "steps", "objective", "mode", "created", "path")
     for r in rows:
-        if "error" in r:
+        if r.get("temp"):
+            table.add_row("?", "stale temp file" if r["stale"] else "being written", "", "", "", "", r["path"])
+        elif "error" in r:
             table.add_row("?", "unreadable", "", "", "", "", r["path"])
         else:
             table.add_row(r["model"], "lsd+" if r["plus"] else "lsd", str(r["steps"]), r["objective"], r["mode"], r["created"], r["path"])
@@ -317,7 +306,7 @@ def cache_list(cache_dir, as_json):
 
 @cache_group.command("rm")
 @click.argument("paths", nargs=-1)
-@click.option("--all", "remove_all", is_flag=True, help="Remove every cached artifact.")
+@click.option("--all", "remove_all", is_flag=True, help="Remove every cached artifact and stale temp file.")
 @cache_dir_option
 def cache_rm(paths, remove_all, cache_dir):
     """Remove cached artifacts (by path, or --all)."""
@@ -327,6 +316,9 @@ def cache_rm(paths, remove_all, cache_dir):
     from lsdtool.errors import LsdError
 
     root = cache.cache_dir(cache_dir).resolve()
+    if remove_all:
+        for p in cache.prune(root):
+            click.echo(str(p))
     targets = sorted(root.rglob("*.safetensors")) if remove_all else [Path(p) for p in paths]
     if not targets and not remove_all:
         raise click.UsageError("give artifact paths or --all")
@@ -340,13 +332,23 @@ def cache_rm(paths, remove_all, cache_dir):
         click.echo(str(p))
 
 
+@cache_group.command("prune")
+@cache_dir_option
+def cache_prune(cache_dir):
+    """Remove temp files left in the cache by interrupted writes (never one still being written)."""
+    from lsdtool import cache
+
+    for p in cache.prune(cache.cache_dir(cache_dir)):
+        click.echo(str(p))
+
+
 def _nfe_list(ctx, param, value):
     try:
         out = sorted({int(v) for v in str(value).split(",") if v.strip()})
     except ValueError:
         raise click.BadParameter("a comma-separated list of NFE values, e.g. 8,16,32") from None
-    if not out or out[0] < 1:
-        raise click.BadParameter("NFE values must be positive integers")
+    if not out or out[0] < 1 or out[-1] > bounds.STEPS_LIMIT:
+        raise click.BadParameter(f"NFE values must be integers in 1..{bounds.STEPS_LIMIT}")
     return out
 
 
@@ -357,17 +359,17 @@ def _nfe_list(ctx, param, value):
 @click.option("--samplers", default="euler,tweedie,lsd,lsd+", show_default=True,
               help="Comma-separated: euler, tweedie, count, theta-trapezoidal, jys, euler-temp, power, lsd, lsd+ "
                    "(lsd/lsd+ take :paper, :teacher-path, :temperature, :score, :tweedie suffixes).")
-@click.option("-n", "num", type=int, default=256, show_default=True, callback=positive, help="Samples per row (indices 0..n-1).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--teacher-steps", type=int, callback=positive, help="Teacher reference steps (default: the model's recipe); also passed to distillation.")
-@click.option("--batch-size", type=int, default=64, show_default=True, callback=positive)
+@click.option("-n", "num", type=int, default=256, show_default=True, callback=bounds.in_range(1, bounds.INDEX_LIMIT), help="Samples per row (indices 0..n-1).")
+@click.option("--seed", type=int, default=0, show_default=True, callback=bounds.seed_range, help="0..2**64-1.")
+@click.option("--teacher-steps", type=int, callback=bounds.steps_range, help="Teacher reference steps (default: the model's recipe); also passed to distillation.")
+@click.option("--batch-size", type=int, default=64, show_default=True, callback=bounds.batch_range)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (protocol and rows) instead of the table.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the rows as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also plot metric vs NFE (PNG; needs matplotlib).")
 @click.option("--data", type=click.Path(dir_okay=False), help="Clean data for jys (jsonl of token ids); countdown generates its own.")
 @click.option("--eval-model", help="Causal LM for generative perplexity of text models  [default: gpt2-large]")
 @click.option("--per-sample-ppl", is_flag=True, help="Show the per-sample perplexity (mean of exp(mean NLL)) in the table.")
-@click.option("--tune-n", type=int, callback=positive, help="Held-out samples for tuning euler-temp and power  [default: min(n, 128)]")
+@click.option("--tune-n", type=int, callback=bounds.in_range(1, bounds.INDEX_LIMIT), help="Held-out samples for tuning euler-temp and power  [default: min(n, 128)]")
 @click.option("--no-teacher", is_flag=True, help="Leave out the teacher reference row.")
 @click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False), help="TOML recipe for the lsd rows (default: the shipped one).")
 @cache_dir_option
@@ -378,8 +380,9 @@ def compare(model_name, nfes, samplers, num, seed, teacher_steps, batch_size, as
     """Compare samplers x NFE on one model from the same seeds; a table (or --json) on stdout."""
     import json
 
+    from lsdtool import cache as cache_mod
     from lsdtool import compare as cmp
-    from lsdtool import console, generation, models
+    from lsdtool import console, fileio, generation, models
 
     names = cmp.parse_samplers(samplers)
     if plot_path:
@@ -387,6 +390,11 @@ def compare(model_name, nfes, samplers, num, seed, teacher_steps, batch_size, as
             import matplotlib  # noqa: F401
         except ImportError:
             raise click.ClickException("--plot needs matplotlib: pip install 'lsdtool[plot]'") from None
+    for target in (csv_path, plot_path):
+        if target:
+            fileio.check_file(target)
+    if any(name.startswith("lsd") or name.startswith("jys") for name in names):
+        fileio.check_dir(cache_mod.cache_dir(cache_dir))
     dev = generation.pick_device(device)
     model = models.load(model_name, device=dev, offline=offline)
     local_only = True if offline else None
@@ -472,13 +480,13 @@ def _compare_csv(result, path):
     keys = []
     for r in result.rows:
         keys += [k for k in r.metrics if k not in keys]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    from lsdtool import fileio
+
+    with fileio.atomic_write(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["sampler", "steps", "nfe", "seconds_per_sample", *keys])
         for r in result.rows:
             w.writerow([r.sampler, r.steps, r.nfe, f"{r.seconds_per_sample:.6g}", *[r.metrics.get(k, "") for k in keys]])
-    os.replace(tmp, path)
 
 
 def _compare_plot(result, path, per_sample_ppl=False):
@@ -513,10 +521,11 @@ def _compare_plot(result, path, per_sample_ppl=False):
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp)
+    from lsdtool import fileio
+
+    with fileio.atomic_write(path, "wb") as f:
+        fig.savefig(f, format=os.path.splitext(path)[1][1:].lower() or "png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

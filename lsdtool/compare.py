@@ -277,10 +277,8 @@ def teacher_row(ctx: Context, steps: int) -> Row:
     such a row says ``details.cached`` and carries the timing of the run that measured it."""
     import hashlib
     import json
-    import os
-    import tempfile
 
-    from lsdtool import __version__
+    from lsdtool import __version__, fileio
     from lsdtool.cache import cache_dir as resolve
 
     key_src = {"model": ctx.model.fingerprint, "steps": steps, "n": ctx.n, "seed": ctx.seed, "metric": ctx.evaluator.name,
@@ -298,11 +296,7 @@ def teacher_row(ctx: Context, steps: int) -> Row:
     x, seconds = draw(ctx, sampler, ctx.n, ctx.seed, f"teacher ({steps} steps)")
     row = Row("teacher", steps, sampler.nfe, ctx.evaluator(x), seconds / ctx.n, {"reference": True})
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".teacher.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"key": key_src, "metrics": row.metrics, "seconds_per_sample": row.seconds_per_sample}, f)
-        os.replace(tmp, path)
+        fileio.write_text(path, json.dumps({"key": key_src, "metrics": row.metrics, "seconds_per_sample": row.seconds_per_sample}))
     except OSError:
         pass  # a read-only cache only costs the next run the teacher row
     return row

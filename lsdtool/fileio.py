@@ -196,6 +196,22 @@ def check_file(path: str | os.PathLike, append: bool = False) -> None:
             raise _named(exc, path) from None
 
 
+def in_use(path: str | os.PathLike) -> bool:
+    """Whether a process holds the lock on ``path`` (an :func:`atomic_write` temp file being written)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        if not _try_lock(fd):
+            return True
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 def remove_if_stale(path: str | os.PathLike) -> bool:
     """Remove a temp file no process is writing (its writer would hold the lock); True if removed."""
     try:

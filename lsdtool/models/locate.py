@@ -157,6 +157,7 @@ def file_digest(path: Path) -> str:
 
 def weight_digest(path: Path) -> str:
     """file_digest, remembered in the lsd cache per (path, size, mtime)."""
+    from lsdtool import fileio
     from lsdtool.cache import cache_dir
 
     st = path.stat()
@@ -169,10 +170,7 @@ def weight_digest(path: Path) -> str:
     if ident not in memo:
         memo[ident] = file_digest(path)
         try:
-            memo_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(memo))
-            os.replace(tmp, memo_path)
+            fileio.write_text(memo_path, json.dumps(memo))
         except OSError:
             pass  # a read-only cache only costs a re-hash next time
     return memo[ident]
