@@ -160,22 +160,24 @@ def _first_existing(path: Path) -> Path:
     return path
 
 
-def check_dir(path: str | os.PathLike) -> None:
+def check_dir(path: str | os.PathLike, target: str | os.PathLike | None = None) -> None:
     """Raise an OSError naming ``path`` unless files can be created in directory ``path`` now
     (creating it if needed): a probe file of one byte is written and removed, so a read-only or
-    full file system, a missing permission or a file in the way is found before any work starts."""
+    full file system, a missing permission or a file in the way is found before any work starts.
+    The error names ``target`` (the file to be written there) when given."""
     path = Path(path)
+    name = path if target is None else target
     base = _first_existing(path)
     if not base.is_dir():
-        raise _error(errno.ENOTDIR, path)
+        raise _error(errno.ENOTDIR, name)
     try:
         fd, probe = tempfile.mkstemp(prefix=".lsd-probe.", suffix=TEMP_SUFFIX, dir=base)
     except OSError as exc:
-        raise _error(exc.errno, path) from None
+        raise _error(exc.errno, name) from None
     try:
         os.write(fd, b"\0")
     except OSError as exc:
-        raise _error(exc.errno, path) from None
+        raise _error(exc.errno, name) from None
     finally:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -188,7 +190,7 @@ def check_file(path: str | os.PathLike, append: bool = False) -> None:
     path = Path(path)
     if path.is_dir():
         raise _error(errno.EISDIR, path)
-    check_dir(path.parent)
+    check_dir(path.parent, path)
     if append and path.exists():
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
