@@ -50,6 +50,11 @@ def _error(code: int, path) -> OSError:
     return OSError(code, os.strerror(code), str(path))
 
 
+def _special(path: Path) -> bool:
+    """An existing target that is neither a regular file nor a directory (a device, a FIFO)."""
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
 def _try_lock(fd: int) -> bool:
     """Take an exclusive advisory lock on ``fd`` without waiting; False when another process holds it."""
     if fcntl is None:
@@ -67,9 +72,18 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
     """Open a temp file beside ``path`` for writing; on success fsync it and rename it onto ``path``.
 
     On any exception (or KeyboardInterrupt) the temp file is removed and ``path`` is left as it was;
-    an OSError (full disk, quota, read-only directory, ...) names ``path``.
+    an OSError (full disk, quota, read-only directory, ...) names ``path``. A symlink's target is
+    replaced (not the link), and a device or FIFO (``/dev/null``, ``/dev/stdout``) is written in place.
     """
     path = Path(path)
+    if _special(path):
+        try:
+            with open(path, mode.replace("x", "w"), encoding=encoding, newline=newline) as f:
+                yield f
+        except OSError as exc:
+            raise _named(exc, path) from None
+        return
+    path = Path(os.path.realpath(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
@@ -123,8 +137,16 @@ def locked_append(path: str | os.PathLike) -> Iterator[BinaryIO]:
 
     A second writer gets an LsdError at once instead of waiting or interleaving. When the block
     fails and this call created the file and nothing was written to it, the file is removed again.
+    A device or FIFO (``/dev/stdout``) is opened write-only and not locked.
     """
     path = Path(path)
+    if _special(path):
+        try:
+            with open(path, "wb") as f:
+                yield f
+        except OSError as exc:
+            raise _named(exc, path) from None
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -190,7 +212,9 @@ def check_file(path: str | os.PathLike, append: bool = False) -> None:
     path = Path(path)
     if path.is_dir():
         raise _error(errno.EISDIR, path)
-    check_dir(path.parent, path)
+    if _special(path):  # written in place: nothing is created beside it
+        return
+    check_dir(Path(os.path.realpath(path)).parent, path)
     if append and path.exists():
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_APPEND))

@@ -134,12 +134,16 @@ def open_output(path: str, indices: Sequence[int], provenance: dict, resume: boo
     exclusive lock held until the block ends: with ``resume`` the complete samples are kept (see
     :func:`samples_done`); a non-empty file is emptied only with ``force`` and refused otherwise."""
     with fileio.locked_append(path) as f:
+        if not f.seekable():  # a device or FIFO: nothing to keep or lose
+            yield f, 0
+            return
         if resume:
             done = samples_done(f, path, indices, provenance)
         elif os.fstat(f.fileno()).st_size and not force:
             raise LsdError(_refusal(path))
         else:
-            f.truncate(0)
+            if os.fstat(f.fileno()).st_size:
+                f.truncate(0)
             done = 0
         f.seek(0, os.SEEK_END)
         yield f, done

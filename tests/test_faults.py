@@ -410,3 +410,13 @@ def test_artifacts_respect_the_umask(tmp_path, countdown):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o664
+
+
+def test_atomic_writes_follow_symlinks_and_leave_devices_alone(tmp_path):
+    (tmp_path / "real.csv").write_text("old\n")
+    (tmp_path / "link.csv").symlink_to("real.csv")
+    fileio.write_text(tmp_path / "link.csv", "new\n")
+    assert (tmp_path / "link.csv").is_symlink() and (tmp_path / "real.csv").read_text() == "new\n"
+    fileio.write_text(os.devnull, "discarded\n")  # written in place, never replaced by a regular file
+    assert Path(os.devnull).is_char_device()
+    assert run(*SAMPLE, "-n", 2, "-o", os.devnull).exit_code == 0 and Path(os.devnull).is_char_device()
