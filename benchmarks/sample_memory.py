@@ -36,7 +36,7 @@ def measure(n: int, samples: int, batch_size: int, threads: int, code: Path = RO
         cmd = [sys.executable, "-m", "lsdtool.cli", "sample", "--model", "countdown", "--steps", "8", "-n", str(n),
                "--batch-size", str(batch_size), "--format", "jsonl", "-o", str(out)]
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, env=env, cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             while True:
                 if proc.poll() is not None:

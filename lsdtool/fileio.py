@@ -63,6 +63,10 @@ def _try_lock(fd: int) -> bool:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    except OSError as exc:  # a file system without locks (some NFS/FUSE mounts): write unprotected
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return True
+        raise
     return True
 
 
@@ -222,24 +226,8 @@ def check_file(path: str | os.PathLike, append: bool = False) -> None:
             raise _named(exc, path) from None
 
 
-def in_use(path: str | os.PathLike) -> bool:
-    """Whether a process holds the lock on ``path`` (an :func:`atomic_write` temp file being written)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        if not _try_lock(fd):
-            return True
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
-def remove_if_stale(path: str | os.PathLike) -> bool:
-    """Remove a temp file no process is writing (its writer would hold the lock); True if removed."""
+def _stale(path: str | os.PathLike, remove: bool) -> bool:
+    """Whether ``path`` exists and no process holds its lock; removed (under the lock) when ``remove``."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -247,7 +235,18 @@ def remove_if_stale(path: str | os.PathLike) -> bool:
     try:
         if not _try_lock(fd):
             return False
-        os.unlink(path)
+        if remove:
+            os.unlink(path)
         return True
     finally:
-        os.close(fd)
+        os.close(fd)  # releases the lock
+
+
+def in_use(path: str | os.PathLike) -> bool:
+    """Whether a process holds the lock on ``path`` (an :func:`atomic_write` temp file being written)."""
+    return os.path.exists(path) and not _stale(path, remove=False)
+
+
+def remove_if_stale(path: str | os.PathLike) -> bool:
+    """Remove a temp file no process is writing (its writer would hold the lock); True if removed."""
+    return _stale(path, remove=True)

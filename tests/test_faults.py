@@ -420,3 +420,13 @@ def test_atomic_writes_follow_symlinks_and_leave_devices_alone(tmp_path):
     fileio.write_text(os.devnull, "discarded\n")  # written in place, never replaced by a regular file
     assert Path(os.devnull).is_char_device()
     assert run(*SAMPLE, "-n", 2, "-o", os.devnull).exit_code == 0 and Path(os.devnull).is_char_device()
+
+
+def test_a_cuda_index_past_the_devices_is_refused(monkeypatch):
+    from lsdtool.generation import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine, seen from a CPU test
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda:0") and pick_device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match="has 1 CUDA device"):
+        pick_device("cuda:1")
