@@ -188,7 +188,7 @@ def plan(paths: list[str]) -> list[tuple[str, Record]]:
 def merge(paths: list[str], output: str | None) -> int:
     """Write the records of ``paths`` in index order to ``output`` (atomically) or stdout; returns n."""
     order = plan(paths)
-    with fileio.atomic_write(output) if output else contextlib.nullcontext(sys.stdout.buffer) as out:
+    with fileio.atomic_write(output, "wb") if output else contextlib.nullcontext(sys.stdout.buffer) as out:
         current, f = None, None
         try:
             for path, r in order:

@@ -133,7 +133,7 @@ def write_artifact(path: Path, countdown, ts=None, cs=None, **meta_changes) -> P
     sampler = Sampler.plain(4)
     meta = artifacts.metadata(countdown, sampler, {"plus": False, "objective": "teacher-path", "teacher_steps": 8, "seed": 0},
                               "", {"iterations": 0})
-    meta.update(meta_changes)
+    meta = {**artifacts.describe(sampler, meta), **meta_changes}
     tensors = {"timesteps": sampler.timesteps if ts is None else torch.tensor(ts, dtype=torch.float64),
                "coeffs": sampler.coeffs if cs is None else torch.tensor(cs, dtype=torch.float64)}
     save_file(tensors, str(path), metadata=meta)
