@@ -10,6 +10,7 @@ median; ratio = min lsd wall / (NFE x min bare forward).
     python benchmarks/engine_overhead.py                        # CPU, 2 threads, the full table
     python benchmarks/engine_overhead.py --device cuda --json   # on a GPU
     python benchmarks/engine_overhead.py --quick                # seconds-long smoke run (tiny network)
+    python benchmarks/engine_overhead.py --distill              # LSD+ teacher rollout / fit split (L = 256)
 """
 
 from __future__ import annotations
@@ -117,6 +118,39 @@ def measure(model, dev, batch: int, rules: dict, repeats: int, seed: int = 0) ->
     return rows
 
 
+def measure_distill(model, dev, args) -> dict:
+    """The teacher rollout and the fit of an LSD+ distillation, timed apart, and one bare forward at the
+    rollout batch: rollout / (teacher NFE x bare forward) is what the engine adds to the teacher."""
+    from lsdtool import distill, recipes
+
+    recipe = recipes.effective("sedd-small", overrides=dict(steps=args.steps, teacher_steps=args.teacher_steps,
+                                                            samples=args.samples, batch=args.samples,
+                                                            candidates=args.candidates, iters=args.iters))
+    x = torch.full((args.samples, model.seq_len), model.vocab_size - 1, device=dev)
+    t = torch.full((args.samples,), 0.5, device=dev)
+
+    def forward():
+        with torch.no_grad():
+            model.log_score(x, t)
+
+    forward()
+    fwd = [clock(forward, dev) for _ in range(3)]
+    t0 = time.perf_counter()
+    rollout = distill.TeacherRollout(model, recipe, dev, quiet=True)
+    sync(dev)
+    rollout_s = time.perf_counter() - t0
+    fwd += [clock(forward, dev) for _ in range(3)]
+    t0 = time.perf_counter()
+    distill.fit_teacher_path(rollout, recipe, quiet=True)
+    sync(dev)
+    fit_s = time.perf_counter() - t0
+    nfe = rollout.teacher.nfe * -(-args.samples // recipe["batch"])
+    return {"teacher_steps": args.teacher_steps, "samples": args.samples, "candidates": args.candidates,
+            "iters": args.iters, "rollout_s": round(rollout_s, 3), "fit_s": round(fit_s, 3),
+            "forward_min_s": round(min(fwd), 4), "forward_median_s": round(statistics.median(fwd), 4),
+            "rollout_over_forwards": round(rollout_s / (nfe * min(fwd)), 3)}
+
+
 def protocol(dev: torch.device, args) -> dict:
     return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
@@ -136,6 +170,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="a tiny network (V = 1001, 2 blocks), for a smoke run")
     ap.add_argument("--json", action="store_true", help="print the rows and protocol as JSON")
+    ap.add_argument("--distill", action="store_true",
+                    help="instead: time an LSD+ teacher rollout and fit (absorb) against bare forwards")
+    ap.add_argument("--teacher-steps", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=8, help="distillation samples (one rollout batch)")
+    ap.add_argument("--candidates", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=3)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -148,6 +188,12 @@ def main(argv=None) -> int:
     rules = {k: v for k, v in samplers(args.steps).items() if k in args.rules.split(",")}
     rules.setdefault("euler", samplers(args.steps)["euler"])
     rows = []
+    if args.distill:
+        with tempfile.TemporaryDirectory(prefix="lsd-engine-overhead-") as tmp:
+            result = measure_distill(load(str(build_checkpoint(Path(tmp), "absorb", dims)), device=dev), dev, args)
+        proto["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+        print(json.dumps({"protocol": proto, "distill": result}, indent=1 if args.json else None))
+        return 0
     with tempfile.TemporaryDirectory(prefix="lsd-engine-overhead-") as tmp:
         for graph in args.graphs.split(","):
             path = build_checkpoint(Path(tmp), graph, dims)

@@ -20,8 +20,11 @@ categorical probabilities and draws from them:
 ``Phi`` is the step's coefficient: in ``score`` mode it multiplies the concrete score (LSD eq. 5),
 in ``temperature`` mode it multiplies the log score. The score at the current token stays 1 in
 both modes, so Phi = 1 is the plain sampler. Negative mass (a step too large for Euler) is
-clamped to 0 and rows are renormalised. Only rows that can move are built (masked rows for
-absorb), in float64, in chunks, and drawn by inverse CDF from counter-based uniforms.
+clamped to 0 and rows are renormalised. Only rows that can move are touched (masked rows for
+absorb), in chunks, and drawn by inverse CDF from counter-based uniforms. For absorbing models a
+masked row under euler, tweedie, count or the denoise step moves iff u Z < (its total jump mass), so
+the decision needs one float32 exp-sum pass over the row (redone in float64 near the threshold) and
+only the rows that move get a float64 CDF: the same token as the full-row draw for the same uniform.
 """
 
 from __future__ import annotations
@@ -309,7 +312,12 @@ class Step:
 
 
 _GUARD = 1e-4  # relative band around a row's move threshold inside which the float32 row sum is redone in float64
-_BLOCK_ROWS = 16  # rows per block of a CPU row pass: the block's exp stays in cache for its sum
+_BLOCK_ELEMS = 1 << 20  # elements per block of a CPU row pass (at least 16 rows): its exp stays in cache for its sum
+
+
+def _chunk_elems(device: torch.device) -> int:
+    """Row-chunk size in elements: small on CPU (memory), large on a GPU (few kernel launches per step)."""
+    return _CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS * 8
 
 
 def _masked_rule(noise: Noise, rows_fn, args, kw, device):
@@ -354,7 +362,7 @@ def _weights(ls: torch.Tensor, coeff: torch.Tensor, mode: str, out: torch.Tensor
 def _row_blocks(rows: torch.Tensor, width: int):
     """Slices of ``rows`` small enough for one cache-sized pass (the whole of them on a GPU)."""
     n = rows.numel()
-    size = max(1, _BLOCK_ROWS if rows.device.type == "cpu" else _CHUNK_ELEMS // width)
+    size = max(16, _BLOCK_ELEMS // width) if rows.device.type == "cpu" else max(1, _chunk_elems(rows.device) // width)
     return [slice(b, min(n, b + size)) for b in range(0, n, size)]
 
 
@@ -445,8 +453,9 @@ def advance(model, rows_fn, log_score, x, draws, fixed=None, *args, row_inputs=(
     rule = _masked_rule(model.noise, rows_fn, args, kw, x.device) if graph.absorbing and not row_inputs else None
     if rule is not None:  # moving rows are masked rows: decide from row totals, build rows only where they move
         real = ls_flat.detach()[:, :-1]
-        for start in range(0, idx.numel(), max(1, _CHUNK_ELEMS // v)):
-            rows = idx[start : start + max(1, _CHUNK_ELEMS // v)]
+        chunk = max(1, _chunk_elems(x.device) // v)
+        for start in range(0, idx.numel(), chunk):
+            rows = idx[start : start + chunk]
             u = rng.uniforms_at(seed, stream, index[rows // l], step, rows % l)
             x_flat[rows] = _draw_masked(real, rows, u, rule)
         return x_flat.reshape(x.shape)
