@@ -367,11 +367,13 @@ def _row_blocks(rows: torch.Tensor, width: int):
 
 
 def _gather(real: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
-    """real[rows] without a copy when the rows are consecutive, else gathered into ``buf``."""
+    """real[rows] without a copy when the rows are consecutive (checked on CPU only: on a GPU the check
+    would wait for the device), else gathered into ``buf``."""
     n = rows.numel()
-    first = int(rows[0])
-    if int(rows[-1]) - first + 1 == n:
-        return real[first : first + n]
+    if rows.device.type == "cpu":
+        first = int(rows[0])
+        if int(rows[-1]) - first + 1 == n:
+            return real[first : first + n]
     return torch.index_select(real, 0, rows, out=buf[:n])
 
 
