@@ -3,21 +3,14 @@ import os
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from lsdtool import metrics
-from lsdtool.cli import main
+from conftest import run_cli
 from lsdtool.sharding import launcher_device, parse_shard, shard_from_env, shard_path, shard_range
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 BASE = ["sample", "--model", "countdown", "--steps", "2", "--format", "jsonl"]
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN",
-                 "SLURM_ARRAY_TASK_STEP", "SLURM_PROCID", "SLURM_NTASKS", "LOCAL_RANK")
-NO_LAUNCHER = {k: None for k in LAUNCHER_VARS}  # the test runner itself may run under SLURM
-
-
-def run(*args, env=None):
-    return CliRunner().invoke(main, [str(a) for a in args], env={**NO_LAUNCHER, **(env or {})})
+run = run_cli
 
 
 def ok(*args, env=None):
@@ -202,7 +195,7 @@ def test_merge_catches_gaps_duplicates_and_mixes(tmp_path, shards):
     other.mkdir()
     for args, what in ((["--seed", 2], "seed 2"), (["--steps", 3, "--seed", 1], "sampler euler-3"),
                        (["--steps", 2, "--seed", 1, "--base", "tweedie"], "sampler tweedie-2")):
-        ok(*BASE, "-n", 7, *args, "--shard", "1/3", "-o", other / "s.jsonl")
+        ok(*BASE, "-n", 7, *args, "--shard", "1/3", "-o", other / "s.jsonl", "--force")  # replaces the last one
         mixed = str(other / "s.shard-00001-of-00003.jsonl")
         fails("merge", a, mixed, c, match=f"{mixed} line 1 was sampled with {what}, {a} with")
     record = json.loads(lines[0])
