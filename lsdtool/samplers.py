@@ -357,7 +357,7 @@ def _masked_rule(noise: Noise, rows_fn, args, kw, device):
     a = a.arguments
     base, mode = a["base"], a["mode"]
     coeff, t, s = (torch.as_tensor(a[k], dtype=torch.float64, device=device) for k in ("coeff", "t", "s"))
-    if base not in ("euler", "tweedie", "count") or mode not in MODES or max(coeff.numel(), t.numel(), s.numel()) != 1:
+    if base not in ("euler", "tweedie", "count") or mode not in ("score", "temperature") or max(coeff.numel(), t.numel(), s.numel()) != 1:
         return None
     coeff, t, s = coeff.reshape(()), t.reshape(()), s.reshape(())
     if mode == "score" and not bool(coeff > 0):  # the general rule clamps a non-positive Phi
