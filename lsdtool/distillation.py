@@ -162,8 +162,9 @@ class TeacherRollout:
 
 def _token_logp(log_score, tokens, rows):
     """log p(token | x) at the selected masked rows: log-softmax of the score over real tokens; -> (R,)."""
-    ls = log_score[rows][:, :-1].double()
-    return torch.log_softmax(ls, -1).gather(-1, tokens[rows][:, None]).squeeze(-1)
+    ls = log_score[rows][:, :-1]
+    picked = ls.gather(-1, tokens[rows][:, None]).squeeze(-1).double()
+    return picked - torch.logsumexp(ls.double(), -1)  # no (R, V) log-softmax copy
 
 
 def _batches(n: int, size: int):

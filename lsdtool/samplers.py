@@ -20,12 +20,16 @@ categorical probabilities and draws from them:
 ``Phi`` is the step's coefficient: in ``score`` mode it multiplies the concrete score (LSD eq. 5),
 in ``temperature`` mode it multiplies the log score. The score at the current token stays 1 in
 both modes, so Phi = 1 is the plain sampler. Negative mass (a step too large for Euler) is
-clamped to 0 and rows are renormalised. Only rows that can move are built (masked rows for
-absorb), in float64, in chunks, and drawn by inverse CDF from counter-based uniforms.
+clamped to 0 and rows are renormalised. Only rows that can move are touched (masked rows for
+absorb), in chunks, and drawn by inverse CDF from counter-based uniforms. For absorbing models a
+masked row under euler, tweedie, count or the denoise step moves iff u Z < (its total jump mass), so
+the decision needs one float32 exp-sum pass over the row (redone in float64 near the threshold) and
+only the rows that move get a float64 CDF: the same token as the full-row draw for the same uniform.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +190,9 @@ def step_rows(graph: Graph, noise: Noise, log_score, x, t, s, base="euler", coef
     return _normalise(p)
 
 
+_STEP_ROWS_SIGNATURE = inspect.signature(step_rows)
+
+
 def denoise_rows(graph: Graph, noise: Noise, log_score, x, t):
     """SEDD's final denoise probabilities (R, V') float64: a Tweedie step of size sigma_bar(t), mask dropped."""
     n = x.shape[0]
@@ -329,6 +336,127 @@ class Step:
     rows: torch.Tensor | None = None  # (R,) the batch rows the model was called for (log_score is (R, L, V)); None: all
 
 
+_GUARD = 1e-4  # relative band around a row's move threshold inside which the float32 row sum is redone in float64
+_BLOCK_ELEMS = 1 << 20  # elements per block of a CPU row pass (at least 16 rows): its exp stays in cache for its sum
+
+
+def _chunk_elems(device: torch.device) -> int:
+    """Row-chunk size in elements: small on CPU (memory), large on a GPU (few kernel launches per step)."""
+    return _CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS * 8
+
+
+def _masked_rule(noise: Noise, rows_fn, args, kw, device):
+    """(scale, coeff, mode, final) when ``rows_fn`` on the masked rows of an absorbing model is the closed
+    form of :func:`_masked_rows`: p_y = scale w_y (y < M) and p_M = 1 - scale sum_y w_y, or w normalised
+    when ``final``, with w = e^{ls} and scale = c Phi (score mode) or w = e^{Phi ls} and scale = c
+    (temperature mode); None when it is not (then :func:`advance` builds full rows).
+
+    The count rule draws w normalised on its chosen rows, and SEDD's denoise step on a masked row is
+    s e^{sigma} (1 - e^{-sigma}), i.e. the score normalised (Phi = 1, score mode)."""
+    one = torch.ones((), dtype=torch.float64, device=device)
+    if rows_fn is denoise_rows:
+        return None, one, "score", True
+    if rows_fn is not step_rows:
+        return None
+    a = _STEP_ROWS_SIGNATURE.bind(None, None, None, None, *args, **kw)
+    a.apply_defaults()
+    a = a.arguments
+    base, mode = a["base"], a["mode"]
+    coeff, t, s = (torch.as_tensor(a[k], dtype=torch.float64, device=device) for k in ("coeff", "t", "s"))
+    if base not in ("euler", "tweedie", "count") or mode not in ("score", "temperature") or max(coeff.numel(), t.numel(), s.numel()) != 1:
+        return None
+    coeff, t, s = coeff.reshape(()), t.reshape(()), s.reshape(())
+    if mode == "score" and not bool(coeff > 0):  # the general rule clamps a non-positive Phi
+        return None
+    if a["final"] or base == "count":
+        return None, coeff, mode, True
+    c = (t - s) * noise.rate(t) if base == "euler" else torch.expm1(noise.total(t) - noise.total(s))
+    return (c * coeff if mode == "score" else c), coeff, mode, False
+
+
+def _weights(ls: torch.Tensor, coeff: torch.Tensor, mode: str, out: torch.Tensor) -> torch.Tensor:
+    """w = e^{ls} (score) or e^{Phi ls} (temperature) into ``out`` (same shape as ls)."""
+    if out.dtype != ls.dtype:  # the product and exp in out's precision
+        out.copy_(ls)
+        return (out.mul_(coeff) if mode == "temperature" else out).exp_()
+    if mode == "temperature":
+        return torch.mul(ls, coeff.to(out.dtype), out=out).exp_()
+    return torch.exp(ls, out=out)
+
+
+def _row_blocks(rows: torch.Tensor, width: int):
+    """Slices of ``rows`` small enough for one cache-sized pass (the whole of them on a GPU)."""
+    n = rows.numel()
+    size = max(16, _BLOCK_ELEMS // width) if rows.device.type == "cpu" else max(1, _chunk_elems(rows.device) // width)
+    return [slice(b, min(n, b + size)) for b in range(0, n, size)]
+
+
+def _gather(real: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """real[rows] without a copy when the rows are consecutive (checked on CPU only: on a GPU the check
+    would wait for the device), else gathered into ``buf``."""
+    n = rows.numel()
+    if rows.device.type == "cpu":
+        first = int(rows[0])
+        if int(rows[-1]) - first + 1 == n:
+            return real[first : first + n]
+    return torch.index_select(real, 0, rows, out=buf[:n])
+
+
+def _row_sums(real: torch.Tensor, rows: torch.Tensor, coeff, mode: str, dtype) -> torch.Tensor:
+    """sum_y w_y (R,) float64 over the real tokens of ``rows``, the exp and sum computed in ``dtype``."""
+    width = real.shape[1]
+    out = torch.empty(rows.numel(), dtype=torch.float64, device=real.device)
+    blocks = _row_blocks(rows, width)
+    gather = torch.empty(blocks[0].stop, width, dtype=real.dtype, device=real.device)
+    work = gather if dtype == real.dtype else torch.empty(blocks[0].stop, width, dtype=dtype, device=real.device)
+    for b in blocks:
+        ls = _gather(real, rows[b], gather)
+        out[b] = _weights(ls, coeff, mode, work[: ls.shape[0]]).sum(-1)
+    return out
+
+
+def _draw_masked(real: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, rule) -> torch.Tensor:
+    """Tokens (R,) drawn at masked rows by the closed form (:func:`_masked_rule`); ``real`` (N, V-1) holds the
+    log scores of the real tokens, ``rows`` (R,) the rows to draw, ``u`` (R,) their uniforms.
+
+    The same draw as :func:`draw` on the full row [scale w, 1 - scale sum w] (stay last): with
+    Z = max(scale sum w, 1), the row moves iff u Z < scale sum w, and then takes the first y whose
+    cumulative w exceeds u Z / scale. So a row's move decision needs only its total, summed in float32
+    and redone in float64 within a relative band of the threshold (and where float32 under- or
+    overflows), and only the rows that move get a float64 CDF."""
+    scale, coeff, mode, final = rule
+    if final:
+        move = torch.ones_like(u, dtype=torch.bool)
+    else:
+        total = _row_sums(real, rows, coeff, mode, torch.float32)
+        jump = scale * total
+        zed = jump.clamp_min(1.0)
+        unsure = ((u * zed - jump).abs() <= _GUARD * zed) | ~torch.isfinite(total) | (total < 1e-30)
+        if bool(unsure.any()):
+            total[unsure] = _row_sums(real, rows[unsure], coeff, mode, torch.float64)
+            jump = scale * total
+            zed = jump.clamp_min(1.0)
+        move = u * zed < jump
+    tokens = torch.full_like(rows, real.shape[1])  # the mask id: rows that stay
+    pick = move.nonzero().squeeze(-1)
+    if pick.numel() == 0:
+        return tokens
+    width = real.shape[1]
+    sel = rows[pick]
+    blocks = _row_blocks(sel, width)
+    gather = torch.empty(blocks[0].stop, width, dtype=real.dtype, device=real.device)
+    cdf_buf = torch.empty(blocks[0].stop, width, dtype=torch.float64, device=real.device)
+    found = torch.empty_like(sel)
+    for b in blocks:
+        ls = _gather(real, sel[b], gather)
+        cdf = _weights(ls, coeff, mode, cdf_buf[: ls.shape[0]]).cumsum_(-1)
+        total = cdf[:, -1] if final else torch.maximum(cdf[:, -1], 1 / scale)  # Z / scale, from the float64 sum
+        goal = u[pick[b]] * total
+        found[b] = torch.searchsorted(cdf, goal[:, None], right=True).squeeze(-1)
+    tokens[pick] = found.clamp_max(width - 1)
+    return tokens
+
+
 def advance(model, rows_fn, log_score, x, draws, fixed=None, *args, row_inputs=(), **kw) -> torch.Tensor:
     """Draw new tokens at the rows that can move (and are not fixed); other rows keep their token.
 
@@ -349,6 +477,15 @@ def advance(model, rows_fn, log_score, x, draws, fixed=None, *args, row_inputs=(
     stream = draws[3] if len(draws) > 3 else rng.STREAM_STEP
     v, l = log_score.shape[-1], x.shape[1]
     ls_flat = log_score.reshape(-1, v)
+    rule = _masked_rule(model.noise, rows_fn, args, kw, x.device) if graph.absorbing and not row_inputs else None
+    if rule is not None:  # moving rows are masked rows: decide from row totals, build rows only where they move
+        real = ls_flat.detach()[:, :-1]
+        chunk = max(1, _chunk_elems(x.device) // v)
+        for start in range(0, idx.numel(), chunk):
+            rows = idx[start : start + chunk]
+            u = rng.uniforms_at(seed, stream, index[rows // l], step, rows % l)
+            x_flat[rows] = _draw_masked(real, rows, u, rule)
+        return x_flat.reshape(x.shape)
     extra_flat = [r.reshape(x_flat.shape[0], *r.shape[2:]) for r in row_inputs]
     chunk = max(1, _CHUNK_ELEMS // v)
     for start in range(0, idx.numel(), chunk):

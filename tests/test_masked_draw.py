@@ -1,0 +1,109 @@
+"""The engine's draw at masked rows (decide from the row total, build a CDF only where a row moves) is the
+inverse-CDF draw of the full-row reference probabilities: the same token for the same uniform."""
+
+import pytest
+import torch
+
+from lsdtool import rng
+from lsdtool.diffusion import LogLinear, make_graph
+from lsdtool.samplers import _draw_masked, _masked_rule, advance, denoise_rows, draw, step_rows
+
+V = 8  # 7 real tokens and the mask
+NOISE = LogLinear(1e-3)
+GRAPH = make_graph("absorb", V)
+
+
+def score_rows(seed=0):
+    """(R, V) float32 log scores at masked rows: ordinary rows, rows whose float32 exp underflows or
+    overflows, and a row with one dominant token (0 at the mask column, as adapters give)."""
+    g = torch.Generator().manual_seed(seed)
+    ls = torch.randn(7, V, generator=g) * 1.5 - 1.0
+    ls[3] -= 120.0  # e^{ls} below float32's range
+    ls[4] += 95.0  # e^{ls} above float32's range
+    ls[5, 2] = 6.0
+    ls[:, -1] = 0.0
+    return ls
+
+
+RULES = [  # (rows_fn, args after x): euler/tweedie steps, a step too large (stay clamped to 0), final, count, denoise
+    (step_rows, (0.6, 0.45, "euler", 1.0, "score", False)),
+    (step_rows, (0.6, 0.45, "tweedie", 1.3, "score", False)),
+    (step_rows, (0.3, 0.25, "euler", 0.8, "temperature", False)),
+    (step_rows, (0.95, 0.05, "euler", 2.5, "score", False)),
+    (step_rows, (0.2, 1e-5, "tweedie", 1.2, "temperature", True)),
+    (step_rows, (0.5, 0.4, "count", 1.7, "temperature", True)),
+    (denoise_rows, (1e-5,)),
+]
+
+
+def reference_tokens(rows_fn, args, ls, u):
+    """draw() on the full float64 rows the general rule builds, one row per uniform in u (R, G)."""
+    x = torch.full((ls.shape[0],), V - 1)
+    probs = rows_fn(GRAPH, NOISE, ls.double(), x, *args)
+    g = u.shape[1]
+    return draw(probs.repeat_interleave(g, 0), u.reshape(-1)).reshape(ls.shape[0], g)
+
+
+@pytest.mark.parametrize("rows_fn,args", RULES)
+def test_same_token_as_the_full_row_draw_for_every_uniform(rows_fn, args):
+    ls = score_rows()
+    x = torch.full((ls.shape[0],), V - 1)
+    probs = rows_fn(GRAPH, NOISE, ls.double(), x, *args)
+    grid = (torch.arange(4000, dtype=torch.float64) + 0.5) / 4000
+    # uniforms a relative 1e-9 either side of every CDF boundary, so the float32 band and its float64 redo decide
+    edges = probs.cumsum(-1)[:, :-1].clamp(1e-12, 1 - 1e-12)
+    near = torch.cat([edges * (1 - 1e-9), edges * (1 + 1e-9)], -1).clamp_max(1 - 1e-16)
+    u = torch.cat([grid.expand(ls.shape[0], -1), near], -1)
+    rule = _masked_rule(NOISE, rows_fn, args, {}, x.device)
+    assert rule is not None
+    r, g = u.shape
+    fast = _draw_masked(ls[:, :-1], torch.arange(r).repeat_interleave(g), u.reshape(-1), rule).reshape(r, g)
+    want = reference_tokens(rows_fn, args, ls, u)
+    assert torch.equal(fast, want)
+    # the implied probabilities equal the reference ones to the grid's resolution
+    freq = torch.stack([torch.bincount(row[:4000], minlength=probs.shape[1]) for row in fast]).double() / 4000
+    assert torch.allclose(freq, probs, atol=1 / 4000 + 1e-12)
+
+
+def test_full_rows_are_used_where_the_closed_form_does_not_apply():
+    assert _masked_rule(NOISE, step_rows, (0.6, 0.45, "euler", torch.tensor([1.0, 2.0]), "score", False), {}, "cpu") is None
+    assert _masked_rule(NOISE, step_rows, (0.6, 0.45, "euler", -1.0, "score", False), {}, "cpu") is None
+    assert _masked_rule(NOISE, step_rows, (0.6, 0.45, "theta-trapezoidal", 1.0), {}, "cpu") is None
+
+
+class FixedScores:
+    """Every sample sees the same log scores (L, V): a model for counting draws."""
+
+    graph, vocab_size, noise = "absorb", V, NOISE
+
+    def __init__(self, ls):
+        self.ls, self.seq_len = ls, ls.shape[0]
+
+    def log_score(self, x, t):
+        return self.ls.expand(x.shape[0], -1, -1)
+
+
+@pytest.mark.parametrize("args", [(0.6, 0.45, "euler", 1.0, "score", False), (0.2, 1e-5, "tweedie", 1.4, "temperature", True)])
+def test_engine_draws_follow_the_reference_probabilities(args):
+    """Chi-square over 6000 fixed-seed samples of one engine step at each of 7 positions, against the
+    exact full-row probabilities; and each sample's token equals draw() of the reference with its uniform."""
+    ls = score_rows(seed=4)
+    model, n = FixedScores(ls), 6000
+    x = torch.full((n, ls.shape[0]), V - 1)
+    index = torch.arange(n)
+    out = advance(model, step_rows, model.log_score(x, None), x, (11, index, 2), None, *args)
+    probs = step_rows(GRAPH, NOISE, ls.double(), x[0], *args)
+    u = rng.uniforms(11, rng.STREAM_STEP, index, 2, ls.shape[0])  # (n, L)
+    assert torch.equal(out, reference_tokens(step_rows, args, ls, u.T).T)
+    for j in range(ls.shape[0]):
+        p = probs[j]
+        counts = torch.bincount(out[:, j], minlength=p.shape[0]).double()
+        keep = p > 0
+        assert counts[~keep].sum() == 0
+        expected = n * p[keep]
+        big = expected >= 5
+        chi2 = (((counts[keep] - expected) ** 2 / expected)[big]).sum()
+        df = int(big.sum()) - 1
+        if df > 0:
+            p_value = torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), chi2 / 2)
+            assert p_value > 1e-4, (j, float(chi2), df)
