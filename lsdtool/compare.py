@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lsdtool.errors import LsdError
+from lsdtool.metrics import TextEval
 from lsdtool.samplers import CALLS_PER_STEP, DEFAULT_EPS, Sampler, power_grid
 
 DEFAULT_SAMPLERS = ("euler", "tweedie", "lsd", "lsd+")
@@ -79,44 +80,15 @@ class Skip(Exception):
 
 # ---- evaluation ------------------------------------------------------------------------------------
 
-class CountdownEval:
-    """The three countdown figures with standard errors; ``error`` (JYS) is the headline."""
+def make_evaluator(model, eval_model: str | None, device, batch_size: int = 8, local_files_only=None, metric=None):
+    """The metric(s) of a comparison: ``metric`` (a name, MODULE:FUNCTION, a function, or a list of them),
+    else the countdown figures for a model whose task is countdown, else generative perplexity."""
+    from lsdtool.metrics import make_metrics
 
-    primary = "error"
-    name = "countdown-rule"
-    dtype = "int64"
-
-    def __call__(self, x: torch.Tensor) -> dict:
-        from lsdtool.metrics import countdown_error_rows, mean_se
-
-        out = {}
-        for key, values in countdown_error_rows(x).items():
-            out[key], out[f"{key}_se"] = mean_se(values)
-        return out
-
-
-class TextEval:
-    """Generative perplexity under a causal LM (float32, ids scored as sampled) with unigram entropy."""
-
-    primary = "gen_ppl"
-    dtype = "float32"
-
-    def __init__(self, name: str, device, vocab_size: int, batch_size: int = 8, local_files_only=None):
-        from lsdtool.metrics import load_eval_model
-
-        self.name, self.vocab_size, self.batch_size = name, vocab_size, batch_size
-        self.lm = load_eval_model(name, device, local_files_only)
-
-    def __call__(self, x: torch.Tensor) -> dict:
-        from lsdtool.metrics import generative_perplexity
-
-        return generative_perplexity(x, self.lm, self.batch_size, self.vocab_size)
-
-
-def make_evaluator(model, eval_model: str | None, device, batch_size: int = 8, local_files_only=None):
-    if model.name == "countdown" and not eval_model:
-        return CountdownEval()
-    return TextEval(eval_model or "gpt2-large", device, model.vocab_size, batch_size, local_files_only)
+    if metric is None:
+        metric = "countdown" if getattr(model, "task", None) == "countdown" and not eval_model else "gen-ppl"
+    return make_metrics(metric, model=model, device=device, eval_model=eval_model, batch_size=batch_size,
+                        local_files_only=local_files_only)
 
 
 # ---- sampler names ---------------------------------------------------------------------------------
@@ -283,7 +255,8 @@ def teacher_row(ctx: Context, steps: int) -> Row:
     from lsdtool import __version__
     from lsdtool.cache import cache_dir as resolve
 
-    key_src = {"model": ctx.model.fingerprint, "steps": steps, "n": ctx.n, "seed": ctx.seed, "metric": ctx.evaluator.name,
+    key_src = {"model": ctx.model.fingerprint, "steps": steps, "n": ctx.n, "seed": ctx.seed,
+               "metric": getattr(ctx.evaluator, "identity", ctx.evaluator.name),
                "dtype": ctx.evaluator.dtype, "version": __version__, "row": 1}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     path = resolve(ctx.cache_dir) / "compare" / f"teacher-{key}.json"
@@ -318,8 +291,13 @@ def teacher_steps_default(model, recipe_file: str | None = None) -> int:
 def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: int | None = None, batch_size: int = 64,
         device=None, evaluator=None, cache_dir=None, data: str | None = None, teacher: bool = True,
         tune_n: int | None = None, jys_samples: int = 256, recipe_file: str | None = None, progress=None, log=None,
-        quiet: bool = False) -> Comparison:
-    """Run every (sampler, NFE) cell plus the teacher reference row; returns rows (no rendering)."""
+        quiet: bool = False, metric=None) -> Comparison:
+    """Run every (sampler, NFE) cell plus the teacher reference row; returns rows (no rendering).
+
+    ``metric``: what to score each cell's samples (B, L) with when no ``evaluator`` is given: a
+    built-in name (``countdown``, ``gen-ppl``), ``"MODULE:FUNCTION"``, a function returning per-sample
+    values (B,) or a dict of them, or a list of these (see :func:`lsdtool.metrics.make_metrics`).
+    """
     from lsdtool import __version__
     from lsdtool.generation import pick_device
 
@@ -330,9 +308,10 @@ def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: in
         raise LsdError("NFE values must be positive integers")
     if n < 1:
         raise LsdError("-n must be at least 1")
-    if any(name == "jys" for name in names) and not data and model.name != "countdown" and model.graph == "absorb":
+    if any(name == "jys" for name in names) and not data and getattr(model, "task", None) != "countdown" \
+            and model.graph == "absorb":
         raise LsdError(f"jys needs clean data for {model.name}: pass --data FILE (jsonl of token ids)")
-    evaluator = evaluator or make_evaluator(model, None, dev)
+    evaluator = evaluator or make_evaluator(model, None, dev, metric=metric)
     ctx = Context(model, n, seed, batch_size, dev, evaluator, cache_dir, teacher_steps, data, jys_samples,
                   tune_n or min(n, 128), progress, log, quiet, recipe_file)
     n_teacher = teacher_steps or teacher_steps_default(model, recipe_file)
@@ -361,7 +340,9 @@ def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: in
     }
     if recipe_file:
         protocol["recipe"] = str(recipe_file)
-    if isinstance(evaluator, TextEval):
+    if hasattr(evaluator, "headlines"):
+        protocol["headlines"] = evaluator.headlines
+    if any(isinstance(m, TextEval) for m in getattr(evaluator, "metrics", [evaluator])):
         import transformers
 
         protocol["transformers_version"] = transformers.__version__

@@ -6,9 +6,11 @@ import os
 
 from lsdtool.errors import LsdError
 
-# Short names users type -> Hugging Face hub ids ("countdown" is embedded and needs no download).
+# Short names users type -> Hugging Face hub ids (None: embedded, needs no download; "countdown-net"
+# is a checkpoint shipped inside the package, see locate.EMBEDDED_DIR).
 REGISTRY: dict[str, str | None] = {
     "countdown": None,
+    "countdown-net": None,
     "sedd-small": "louaaron/sedd-small",
     "sedd-medium": "louaaron/sedd-medium",
     "radd-lambda-dce": "JingyangOu/radd-lambda-dce",

@@ -18,6 +18,8 @@ from pathlib import Path
 from lsdtool.errors import LsdError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Checkpoints shipped inside the package, one directory per registry name (e.g. countdown-net).
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -186,7 +188,8 @@ def locate(name_or_path: str, offline: bool | None = None) -> Located:
     hub_id = None
     if name_or_path in REGISTRY:
         hub_id, name = REGISTRY[name_or_path], name_or_path
-        if hub_id is None:
+        directory = EMBEDDED_DIR / name_or_path
+        if hub_id is None and not directory.is_dir():
             raise LsdError(f"{name_or_path} is an embedded model, not a checkpoint")
     elif os.path.isdir(os.path.expanduser(name_or_path)):
         directory = Path(os.path.expanduser(name_or_path))
