@@ -32,7 +32,7 @@ def config_for(args) -> dict:
     """The Hydra-style SEDD config (as JSON) of the network, with the task it was trained on."""
     return {
         "task": TASK,
-        "ngpus": 0,
+        "ngpus": int(str(args.device).startswith("cuda")),
         "tokens": 32,
         "training": {"batch_size": args.batch, "n_iters": args.steps, "ema": args.ema, "seed": args.seed,
                      "lr": args.lr, "warmup": args.warmup, "weight_decay": args.weight_decay,
