@@ -112,7 +112,7 @@ def test_countdown_net_is_the_shipped_checkpoint(net):
 
 
 def test_countdown_net_has_learnt_the_countdown_rule(net):
-    """A masked slot between k and k - 2 is k - 1 with high probability; the score is scaled by 1/(e^sigma - 1)."""
+    """A masked slot between k and k - 2 is k - 1 with high probability; the score is scaled by about 1/(e^sigma - 1)."""
     x = torch.randint(0, 32, (1, 256), generator=torch.Generator().manual_seed(3))
     x[0, 100:110] = torch.tensor([12, 11, 10, 9, 8, 7, 6, 5, 4, 3])
     x[0, 105] = 32
@@ -122,14 +122,16 @@ def test_countdown_net_has_learnt_the_countdown_rule(net):
     p = torch.softmax(ls[0, 105, :32].double(), -1)
     assert p[7] > 0.9
     sigma = net.noise.total(t.double())
-    assert ls[0, 105, :32].double().exp().sum().item() == pytest.approx(1 / math.expm1(sigma.item()), rel=0.05)
+    # The total rate is learnt, not normalised: roughly 1/(e^sigma - 1); a wrong scale_by_sigma shift is ~14x off.
+    assert 0.5 < ls[0, 105, :32].double().exp().sum().item() * math.expm1(sigma.item()) < 2
     assert ls[0, 0, x[0, 0]] == 0 and ls[0, 105, 32] == 0
 
 
 def test_lsd_plus_distils_and_samples_on_countdown_net(tmp_path):
     cache = tmp_path / "cache"
-    out = run("distill", "--model", "countdown-net", "--steps", 4, "--plus", "--teacher-steps", 32, "--samples", 16,
-              "--batch", 16, "--candidates", 16, "--iters", 3, "--cache-dir", cache)
+    recipe = tmp_path / "small.toml"
+    recipe.write_text("teacher_steps = 16\nsamples = 8\nbatch = 8\ncandidates = 8\niters = 2\nseed = 0\n")
+    out = run("distill", "--model", "countdown-net", "--steps", 4, "--plus", "--recipe", recipe, "--cache-dir", cache)
     assert out.exit_code == 0, out.output
     artifact = out.stdout.strip().splitlines()[-1]
     info = json.loads(run("inspect", artifact, "--json").stdout)
