@@ -6,7 +6,7 @@ and evaluated on held-out seeds: samples 0..n-1 of each evaluation seed, the JYS
 (mean ± standard error over all n x seeds samples, and per seed).
 
     python benchmarks/countdown_net_table.py --device cuda --n 1024 --seeds 1000 1001 --json out.json
-    python benchmarks/countdown_net_table.py --quick            # CPU smoke: n = 64, NFE 8, LSD+ vs Euler
+    python benchmarks/countdown_net_table.py --quick            # CPU smoke: n = 64, one seed, NFE 8, LSD+ vs Euler
 
 Progress on stderr; the table (markdown) on stdout; ``--json FILE`` also writes every row.
 """
@@ -102,7 +102,7 @@ def table(rows: list[dict], models: list[str]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--n", type=int, default=1024, help="samples per evaluation seed")
+    ap.add_argument("--n", type=int, help="samples per evaluation seed  [default: 1024; 64 with --quick]")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1000, 1001], help="evaluation seeds (held out from distillation)")
     ap.add_argument("--models", nargs="+", default=["countdown-net", "countdown"])
     ap.add_argument("--euler-nfe", type=int, nargs="+", default=[4, 8, 16, 64])
@@ -112,11 +112,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1024, help="samples per sampling batch")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--json", help="also write every row (and the protocol) to this file")
-    ap.add_argument("--quick", action="store_true", help="smoke run: n = 64, one seed, NFE 8, lsd+ vs euler, no teacher")
+    ap.add_argument("--quick", action="store_true", help="smoke run: one seed, NFE 8, lsd+ vs euler, no teacher, first model only")
     args = ap.parse_args(argv)
     if args.quick:
-        args.n, args.seeds, args.euler_nfe, args.lsd_nfe = min(args.n, 64), args.seeds[:1], [8], [8]
+        args.n, args.seeds, args.euler_nfe, args.lsd_nfe = args.n or 64, args.seeds[:1], [8], [8]
         args.samplers, args.no_teacher, args.models = args.samplers or ["lsd+"], True, args.models[:1]
+    args.n = args.n or 1024
     torch.set_num_threads(args.threads)
     from lsdtool.generation import pick_device
 
