@@ -45,7 +45,7 @@ def evaluate(model, sampler, n: int, seeds: list[int], device, batch: int) -> di
 
 
 def run_model(name: str, args, device, log) -> list[dict]:
-    from lsdtool import distill, recipes
+    from lsdtool import distillation, recipes
     from lsdtool.models import load
     from lsdtool.samplers import Sampler
 
@@ -71,7 +71,7 @@ def run_model(name: str, args, device, log) -> list[dict]:
         for nfe in args.lsd_nfe:
             recipe = recipes.effective(name, overrides={"steps": nfe, "plus": plus, "objective": objective})
             start = time.perf_counter()
-            fit = distill.distill(model, recipe, device=device, quiet=True)
+            fit = distillation.distill(model, recipe, device=device)
             seconds = time.perf_counter() - start
             add({"sampler": label, "nfe": nfe, "fit_seconds": round(seconds, 2),
                  "timesteps": [round(t, 5) for t in fit.sampler.timesteps.tolist()],

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lsdtool import rng
+from lsdtool import recipes, rng
 from lsdtool.errors import LsdError
 from lsdtool.samplers import DEFAULT_EPS, Sampler, iterate, step_rows, uniform_grid
 from lsdtool.diffusion import make_graph
@@ -37,10 +37,12 @@ class FitResult:
     fit: dict
 
 
-def distill(model, recipe: dict, device=None, quiet: bool = False) -> FitResult:
-    """Fit a ``recipe['steps']``-step sampler for ``model``; returns the sampler and a fit report."""
+def distill(model, recipe: dict, device=None) -> FitResult:
+    """Fit a ``recipe['steps']``-step sampler for ``model``; returns the sampler and a fit report.
+    Keys the recipe leaves out take their defaults."""
     from lsdtool.generation import pick_device
 
+    recipe = recipes.complete(recipe)
     dev = pick_device(device)
     if recipe["objective"] == "paper" and model.graph != "absorb":
         raise LsdError("the paper objective is implemented for absorbing models; use objective = \"teacher-path\"")
@@ -50,8 +52,8 @@ def distill(model, recipe: dict, device=None, quiet: bool = False) -> FitResult:
     if recipe["iters"] == 0:  # untrained: the base sampler itself
         return FitResult(Sampler.plain(recipe["steps"], recipe["base"], recipe["mode"]), {"iterations": 0, "objective": recipe["objective"]})
     paper = recipe["objective"] == "paper"
-    rollout = TeacherRollout(model, recipe, dev, quiet, collect_mass=paper and recipe["plus"])
-    fit = fit_teacher_path(rollout, recipe, quiet) if recipe["objective"] == "teacher-path" else fit_paper(rollout, recipe, quiet)
+    rollout = TeacherRollout(model, recipe, dev, collect_mass=paper and recipe["plus"])
+    fit = fit_teacher_path(rollout, recipe) if recipe["objective"] == "teacher-path" else fit_paper(rollout, recipe)
     fit.fit.update({"objective": recipe["objective"], "seconds": round(time.time() - start, 2), "device": str(dev),
                     "teacher_steps": rollout.n_steps, "samples": rollout.n_samples})
     fit.sampler.check()
@@ -66,7 +68,7 @@ class TeacherRollout:
     revealed and the teacher's log-probability of the revealed token at that moment.
     """
 
-    def __init__(self, model, recipe: dict, device, quiet: bool, collect_mass: bool = False):
+    def __init__(self, model, recipe: dict, device, collect_mass: bool = False):
         self.model, self.device = model, device
         self.n_steps = recipe["teacher_steps"]
         self.n_samples = recipe["samples"]
@@ -82,7 +84,7 @@ class TeacherRollout:
         self.mass = self._mass_buffer() if collect_mass else None
         self._scores: dict[tuple, torch.Tensor] = {}
         self._score_bytes = 0
-        self._run(recipe["batch"], quiet)
+        self._run(recipe["batch"])
 
     def _uniform_steps(self, steps: int) -> torch.Tensor:
         """Teacher step indices of the uniform student grid with ``steps`` steps."""
@@ -121,7 +123,7 @@ class TeacherRollout:
             self._score_bytes -= self._scores[key].numel() * self._scores[key].element_size()
             del self._scores[key]
 
-    def _run(self, batch: int, quiet: bool):
+    def _run(self, batch: int):
         from lsdtool.console import progress
 
         model, s, l = self.model, self.n_samples, self.model.seq_len
@@ -244,7 +246,7 @@ def interval_nll(rollout: TeacherRollout, a: int, b: int, coeff: torch.Tensor, r
     return -torch.log(probs.gather(-1, target[:, None]).clamp_min(1e-300)).sum().cpu()
 
 
-def fit_coeffs(rollout: TeacherRollout, path: list[int], recipe: dict, quiet: bool) -> tuple[torch.Tensor, list, list]:
+def fit_coeffs(rollout: TeacherRollout, path: list[int], recipe: dict) -> tuple[torch.Tensor, list, list]:
     """Phi_k = argmax of the teacher's interval likelihood, per step (each Phi_k only enters its own
     term, so steps are fitted independently): full-batch L-BFGS on log Phi, ``iters`` iterations at
     most. Returns Phi (M,), NLL per sample before (Phi = 1) and after."""
@@ -284,7 +286,7 @@ def fit_coeffs(rollout: TeacherRollout, path: list[int], recipe: dict, quiet: bo
     return torch.stack(coeffs), before, after
 
 
-def fit_teacher_path(rollout: TeacherRollout, recipe: dict, quiet: bool) -> FitResult:
+def fit_teacher_path(rollout: TeacherRollout, recipe: dict) -> FitResult:
     steps, batch = recipe["steps"], recipe["batch"]
     uniform = rollout.uniform_path(steps)
     fit: dict = {}
@@ -294,7 +296,7 @@ def fit_teacher_path(rollout: TeacherRollout, recipe: dict, quiet: bool) -> FitR
         path = best_path(cost, steps)
         per = lambda p: [float(cost[p[i], p[i + 1]]) / rollout.n_samples for i in range(steps)]  # noqa: E731
         fit["schedule_loss_before"], fit["schedule_loss_after"] = per(uniform), per(path)
-    coeffs, before, after = fit_coeffs(rollout, path, recipe, quiet)
+    coeffs, before, after = fit_coeffs(rollout, path, recipe)
     timesteps = rollout.times[path].clone() if recipe["plus"] else uniform_grid(steps)
     sampler = Sampler(timesteps, coeffs.double(), recipe["base"], recipe["mode"])
     if recipe["plus"]:
@@ -339,7 +341,7 @@ def paper_score_loss(log_score: torch.Tensor, target: torch.Tensor, phi: torch.T
     return ((student - target) ** 2).mean() / (target**2).mean().clamp_min(1e-30)
 
 
-def fit_paper(rollout: TeacherRollout, recipe: dict, quiet: bool) -> FitResult:
+def fit_paper(rollout: TeacherRollout, recipe: dict) -> FitResult:
     """Adam on log Phi (and kappa logits for LSD+) against the paper's per-step losses."""
     from lsdtool.console import progress
 
