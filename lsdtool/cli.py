@@ -358,6 +358,10 @@ def _nfe_list(ctx, param, value):
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also plot metric vs NFE (PNG; needs matplotlib).")
 @click.option("--data", type=click.Path(dir_okay=False), help="Clean data for jys (jsonl of token ids); countdown generates its own.")
 @click.option("--eval-model", help="Causal LM for generative perplexity of text models  [default: gpt2-large]")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME|MODULE:FUNCTION",
+              help="Score samples with countdown, gen-ppl or your function of the tokens (B, L) returning per-sample "
+                   "values (B,) or a dict of them; repeatable, the first is the headline  [default: countdown for "
+                   "countdown-task models, else gen-ppl]")
 @click.option("--per-sample-ppl", is_flag=True, help="Show the per-sample perplexity (mean of exp(mean NLL)) in the table.")
 @click.option("--tune-n", type=int, callback=bounds.in_range(1, bounds.INDEX_LIMIT), help="Held-out samples for tuning euler-temp and power  [default: min(n, 128)]")
 @click.option("--no-teacher", is_flag=True, help="Leave out the teacher reference row.")
@@ -366,7 +370,7 @@ def _nfe_list(ctx, param, value):
 @device_option
 @offline_option
 def compare(model_name, nfes, samplers, num, seed, teacher_steps, batch_size, as_json, csv_path, plot_path, data,
-            eval_model, per_sample_ppl, tune_n, no_teacher, recipe_file, cache_dir, device, offline):
+            eval_model, metrics, per_sample_ppl, tune_n, no_teacher, recipe_file, cache_dir, device, offline):
     """Compare samplers x NFE on one model from the same seeds; a table (or --json) on stdout."""
     import json
 
@@ -388,7 +392,7 @@ def compare(model_name, nfes, samplers, num, seed, teacher_steps, batch_size, as
     dev = generation.pick_device(device)
     model = models.load(model_name, device=dev, offline=offline)
     local_only = True if offline else None
-    evaluator = cmp.make_evaluator(model, eval_model, dev, local_files_only=local_only)
+    evaluator = cmp.make_evaluator(model, eval_model, dev, local_files_only=local_only, metric=list(metrics) or None)
     with console.progress() as bar:
         task = bar.add_task("compare", total=1)
 
@@ -425,7 +429,7 @@ def _compare_table(result, per_sample_ppl=False):
     nfes = p["nfe"]
     teacher = [r for r in result.rows if r.sampler == "teacher"]
     label = {"error": "countdown error (JYS)", "gen_ppl": f"gen. perplexity ({p['eval_model']})",
-             "gen_ppl_per_sample": f"per-sample gen. perplexity ({p['eval_model']})"}[key]
+             "gen_ppl_per_sample": f"per-sample gen. perplexity ({p['eval_model']})"}.get(key, key)
     table = Table(title=f"{p['model']}: {label} ± s.e. over n = {p['n']} samples, seed {p['seed']}; time per sample",
                   title_justify="left")
     table.add_column("sampler", no_wrap=True)
@@ -441,6 +445,8 @@ def _compare_table(result, per_sample_ppl=False):
         text = se_text(m[key], m.get(f"{key}_se", 0.0))
         if div["key"] in m:
             text += f"\n{div['label']} {m[div['key']]:.3f}"
+        for extra in p.get("headlines", [])[1:]:  # further --metric figures
+            text += f"\n{extra} {se_text(m[extra], m.get(f'{extra}_se', 0.0))}"
         if r.nfe_mean is not None and r.nfe_mean != r.nfe:
             text += f"\nNFE {r.nfe_mean:.1f} (max {r.nfe_max})"
         ms = r.seconds_per_sample * 1000
@@ -513,7 +519,7 @@ def _compare_plot(result, path, per_sample_ppl=False):
     ax.set_yscale("log")
     ax.set_xlabel("NFE (model calls per sample)")
     ax.set_ylabel({"error": "countdown error (JYS)", "gen_ppl": "generative perplexity",
-                   "gen_ppl_per_sample": "per-sample generative perplexity"}[key])
+                   "gen_ppl_per_sample": "per-sample generative perplexity"}.get(key, key))
     ax.set_title(f"{p['model']}, n = {p['n']}, seed {p['seed']} (± s.e.)", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)

@@ -33,6 +33,7 @@ import torch
 
 from lsdtool.errors import LsdError
 from lsdtool import steprules
+from lsdtool.metrics import TextEval
 from lsdtool.samplers import DEFAULT_EPS, Sampler, power_grid
 
 DEFAULT_SAMPLERS = ("euler", "tweedie", "lsd", "lsd+")
@@ -94,47 +95,15 @@ class Skip(Exception):
 
 # ---- evaluation ------------------------------------------------------------------------------------
 
-class CountdownEval:
-    """The three countdown figures with standard errors; ``error`` (JYS) is the headline."""
+def make_evaluator(model, eval_model: str | None, device, batch_size: int = 8, local_files_only=None, metric=None):
+    """The metric(s) of a comparison: ``metric`` (a name, MODULE:FUNCTION, a function, or a list of them),
+    else the countdown figures for a model whose task is countdown, else generative perplexity."""
+    from lsdtool.metrics import make_metrics
 
-    primary = "error"
-    name = "countdown-rule"
-    dtype = "int64"
-    diversity = ("diversity", "H pos")  # metric key, table label
-
-    def __call__(self, x: torch.Tensor) -> dict:
-        from lsdtool.metrics import countdown_error_rows, mean_se, position_entropy
-
-        out = {}
-        for key, values in countdown_error_rows(x).items():
-            out[key], out[f"{key}_se"] = mean_se(values)
-        out["diversity"] = position_entropy(x)
-        return out
-
-
-class TextEval:
-    """Generative perplexity under a causal LM (float32, ids scored as sampled) with unigram entropy."""
-
-    primary = "gen_ppl"
-    dtype = "float32"
-    diversity = ("entropy", "H")
-
-    def __init__(self, name: str, device, vocab_size: int, batch_size: int = 8, local_files_only=None):
-        from lsdtool.metrics import load_eval_model
-
-        self.name, self.vocab_size, self.batch_size = name, vocab_size, batch_size
-        self.lm = load_eval_model(name, device, local_files_only)
-
-    def __call__(self, x: torch.Tensor) -> dict:
-        from lsdtool.metrics import generative_perplexity
-
-        return generative_perplexity(x, self.lm, self.batch_size, self.vocab_size)
-
-
-def make_evaluator(model, eval_model: str | None, device, batch_size: int = 8, local_files_only=None):
-    if model.name == "countdown" and not eval_model:
-        return CountdownEval()
-    return TextEval(eval_model or "gpt2-large", device, model.vocab_size, batch_size, local_files_only)
+    if metric is None:
+        metric = "countdown" if getattr(model, "task", None) == "countdown" and not eval_model else "gen-ppl"
+    return make_metrics(metric, model=model, device=device, eval_model=eval_model, batch_size=batch_size,
+                        local_files_only=local_files_only)
 
 
 # ---- sampler names ---------------------------------------------------------------------------------
@@ -353,7 +322,8 @@ def teacher_row(ctx: CompareSettings, steps: int) -> Row:
     from lsdtool.version import __version__
     from lsdtool.locations import cache_root
 
-    key_src = {"model": ctx.model.fingerprint, "steps": steps, "n": ctx.n, "seed": ctx.seed, "metric": ctx.evaluator.name,
+    key_src = {"model": ctx.model.fingerprint, "steps": steps, "n": ctx.n, "seed": ctx.seed,
+               "metric": getattr(ctx.evaluator, "identity", ctx.evaluator.name),
                "dtype": ctx.evaluator.dtype, "version": __version__, "row": 1}
     path = cache.record_path("compare", "teacher", key_src, cache_root(ctx.cache_dir))
     saved = cache.read_record(path, key_src)
@@ -377,8 +347,13 @@ def teacher_steps_default(model, recipe_file: str | None = None) -> int:
 def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: int | None = None, batch_size: int = 64,
         device=None, evaluator=None, cache_dir=None, data: str | None = None, teacher: bool = True,
         tune_n: int | None = None, jys_samples: int = 256, recipe_file: str | None = None, progress=None,
-        log=None) -> Comparison:
-    """Run every (sampler, NFE) cell plus the teacher reference row; returns rows (no rendering)."""
+        log=None, metric=None) -> Comparison:
+    """Run every (sampler, NFE) cell plus the teacher reference row; returns rows (no rendering).
+
+    ``metric``: what to score each cell's samples (B, L) with when no ``evaluator`` is given: a
+    built-in name (``countdown``, ``gen-ppl``), ``"MODULE:FUNCTION"``, a function returning per-sample
+    values (B,) or a dict of them, or a list of these (see :func:`lsdtool.metrics.make_metrics`).
+    """
     from lsdtool.version import __version__
     from lsdtool.generation import pick_device
 
@@ -389,9 +364,10 @@ def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: in
         raise LsdError("NFE values must be positive integers")
     if n < 1:
         raise LsdError("-n must be at least 1")
-    if any(name == "jys" for name in names) and not data and model.name != "countdown" and model.graph == "absorb":
+    if any(name == "jys" for name in names) and not data and getattr(model, "task", None) != "countdown" \
+            and model.graph == "absorb":
         raise LsdError(f"jys needs clean data for {model.name}: pass --data FILE (jsonl of token ids)")
-    evaluator = evaluator or make_evaluator(model, None, dev)
+    evaluator = evaluator or make_evaluator(model, None, dev, metric=metric)
     ctx = CompareSettings(model, n, seed, batch_size, dev, evaluator, cache_dir, teacher_steps, data, jys_samples,
                           tune_n or min(n, 128), progress, log, recipe_file, nfes)
     n_teacher = teacher_steps or teacher_steps_default(model, recipe_file)
@@ -423,7 +399,9 @@ def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: in
     }
     if recipe_file:
         protocol["recipe"] = str(recipe_file)
-    if isinstance(evaluator, TextEval):
+    if hasattr(evaluator, "headlines"):
+        protocol["headlines"] = evaluator.headlines
+    if any(isinstance(m, TextEval) for m in getattr(evaluator, "metrics", [evaluator])):
         import transformers
 
         protocol["transformers_version"] = transformers.__version__
@@ -460,7 +438,7 @@ def _notes(model, names, rows, skipped, ctx) -> list[str]:
         notes.append(f"entropy-bound: model calls vary per sample; each cell shows the realised mean (max) NFE, with "
                      f"gamma picked from {', '.join(f'{g:g}' for g in GAMMAS)} so that the mean NFE on held-out seed "
                      f"{ctx.tune_seed} (n = {ctx.tune_n}) lies nearest the column")
-    if isinstance(ctx.evaluator, CountdownEval):
+    if ctx.evaluator.diversity[0] == "diversity":
         notes.append("H pos: mean over positions of the entropy (nats) of the token across samples; it is at most "
                      "log(number of distinct samples), so it drops to 0 when a sampler collapses onto one sequence")
     if any(n.split(":")[0] in ("lsd", "lsd+") for n in names):

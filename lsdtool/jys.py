@@ -206,7 +206,7 @@ def clean_data(model, data: str | None, n: int, seed: int) -> tuple[torch.Tensor
     if data:
         x0 = read_data(data, model.seq_len, n)
         desc = f"file:{Path(data).name}"
-    elif model.name == "countdown":
+    elif getattr(model, "task", None) == "countdown":
         from lsdtool.models.countdown import generate
 
         x0 = generate(n, model.seq_len, torch.Generator().manual_seed(seed))

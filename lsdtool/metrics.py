@@ -137,3 +137,191 @@ def generative_perplexity(x: torch.Tensor, lm, batch_size: int = 8, vocab_size: 
     ent, ent_se = mean_se(unigram_entropy(x, vocab_size))
     return {"gen_ppl": math.exp(m), "gen_ppl_se": math.exp(m) * se, "nll": m, "nll_se": se,
             "gen_ppl_per_sample": ps_mean, "gen_ppl_per_sample_se": ps_se, "entropy": ent, "entropy_se": ent_se}
+
+
+# ---- the metric registry: what ``lsd compare --metric`` names --------------------------------------
+
+class PerSampleMetric:
+    """A metric from a function of the samples x (B, L) -> per-sample values (B,) or a dict of them.
+
+    Each figure is reported as its mean with the standard error over samples (``<key>`` and
+    ``<key>_se``); the headline is ``primary`` (the first figure when not given). ``spec`` names the
+    function in error messages; ``identity`` changes whenever the function's source file does, so
+    cached results are never reused across edits.
+    """
+
+    dtype = "float64"
+    diversity = ("diversity", "H pos")  # figure key, table label: position_entropy of the cell's samples
+
+    def __init__(self, fn, spec: str, figure: str, primary: str | None = None, identity: str | None = None):
+        self.fn, self.spec, self.figure = fn, spec, figure
+        self.name, self.identity = spec, identity or spec
+        self._primary = primary
+
+    @property
+    def primary(self) -> str:
+        return self._primary or self.figure
+
+    def __call__(self, x: torch.Tensor) -> dict:
+        from lsdtool.errors import LsdError
+
+        try:
+            out = self.fn(x)
+        except Exception as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise LsdError(f"metric {self.spec} failed on samples of shape {tuple(x.shape)}: "
+                           f"{type(e).__name__}{': ' + why if why else ''}") from None
+        figures = out if isinstance(out, dict) else {self.figure: out}
+        if not figures:
+            raise LsdError(f"metric {self.spec} returned an empty dict")
+        result = {}
+        for key, values in figures.items():
+            try:
+                v = torch.as_tensor(values.detach().cpu() if isinstance(values, torch.Tensor) else values,
+                                    dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                raise LsdError(f"metric {self.spec} returned {type(values).__name__} for {key!r}; expected "
+                               f"{x.shape[0]} numbers (one per sample)") from None
+            if tuple(v.shape) != (x.shape[0],):
+                raise LsdError(f"metric {self.spec} returned shape {tuple(v.shape)} for {key!r}; expected "
+                               f"({x.shape[0]},), one value per sample")
+            result[str(key)], result[f"{key}_se"] = mean_se(v)
+        result.setdefault("diversity", position_entropy(x))
+        if self._primary is None or self._primary not in result:
+            self._primary = str(next(iter(figures)))
+        return result
+
+
+class TextEval:
+    """Generative perplexity under a causal LM (float32, ids scored as sampled) with unigram entropy."""
+
+    primary = "gen_ppl"
+    dtype = "float32"
+    diversity = ("entropy", "H")
+
+    def __init__(self, name: str, device, vocab_size: int, batch_size: int = 8, local_files_only=None):
+        self.name, self.vocab_size, self.batch_size = name, vocab_size, batch_size
+        self.identity = name
+        self.lm = load_eval_model(name, device, local_files_only)
+
+    def __call__(self, x: torch.Tensor) -> dict:
+        return generative_perplexity(x, self.lm, self.batch_size, self.vocab_size)
+
+
+class MetricSet:
+    """Several metrics on the same samples: their figures merged; the headline is the first metric's."""
+
+    def __init__(self, metrics: list):
+        self.metrics = metrics
+        self.name = " + ".join(m.name for m in metrics)
+        self.identity = " + ".join(m.identity for m in metrics)
+        self.dtype = metrics[0].dtype
+        self.diversity = metrics[0].diversity
+
+    @property
+    def primary(self) -> str:
+        return self.metrics[0].primary
+
+    @property
+    def headlines(self) -> list[str]:
+        return [m.primary for m in self.metrics]
+
+    def __call__(self, x: torch.Tensor) -> dict:
+        from lsdtool.errors import LsdError
+
+        out: dict = {}
+        for m in self.metrics:
+            figures = m(x)
+            if "diversity" in out:  # a set-level figure every per-sample metric adds: the first one stands
+                figures.pop("diversity", None)
+            clash = sorted(set(figures) & set(out))
+            if clash:
+                raise LsdError(f"metrics {self.name} both report {clash[0]!r}; name the figures apart")
+            out.update(figures)
+        return out
+
+
+def countdown_metric(**_) -> PerSampleMetric:
+    """The three countdown figures of DESIGN §9; ``error`` (JYS) is the headline."""
+    return PerSampleMetric(countdown_error_rows, "countdown-rule", "error", primary="error")
+
+
+def gen_ppl_metric(*, model, device, eval_model=None, batch_size: int = 8, local_files_only=None, **_) -> TextEval:
+    """Generative perplexity under ``eval_model`` (default gpt2-large) with unigram entropy (DESIGN §11)."""
+    return TextEval(eval_model or "gpt2-large", device, model.vocab_size, batch_size, local_files_only)
+
+
+# name -> factory(model=, device=, eval_model=, batch_size=, local_files_only=) -> metric
+BUILTIN_METRICS = {"countdown": countdown_metric, "gen-ppl": gen_ppl_metric}
+
+
+def _import_function(spec: str):
+    """The function named by MODULE:FUNCTION (MODULE a dotted name, importable or in the working
+    directory, or a path to a .py file) and a digest of its source file; LsdError naming ``spec``."""
+    import hashlib
+    import importlib
+    import importlib.util
+    import inspect
+    import os
+    import sys
+
+    from lsdtool.errors import LsdError
+
+    module_name, _, func_name = spec.rpartition(":")
+    if not module_name or not func_name:
+        raise LsdError(f"metric {spec!r}: use {', '.join(BUILTIN_METRICS)} or MODULE:FUNCTION")
+    try:
+        if module_name.endswith(".py") or os.sep in module_name:
+            path = os.path.abspath(os.path.expanduser(module_name))
+            if not os.path.isfile(path):
+                raise LsdError(f"metric {spec}: no file {module_name}")
+            loader_spec = importlib.util.spec_from_file_location(f"lsd_metric_{hashlib.sha1(path.encode()).hexdigest()[:8]}", path)
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.append(os.getcwd())  # as `python -m` would find a module beside the user
+            module = importlib.import_module(module_name)
+    except LsdError:
+        raise
+    except Exception as e:  # ImportError, SyntaxError, anything the module raises at import
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise LsdError(f"metric {spec}: cannot import {module_name} ({type(e).__name__}{': ' + why if why else ''})") from None
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise LsdError(f"metric {spec}: {module_name} has no function {func_name!r}")
+    try:
+        source = inspect.getsourcefile(fn) or inspect.getsourcefile(module)
+        with open(source, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    except (TypeError, OSError):
+        digest = "unknown"
+    return fn, digest
+
+
+def resolve_metric(spec: str, **context):
+    """One metric: a built-in name (``countdown``, ``gen-ppl``) or a user's MODULE:FUNCTION."""
+    from lsdtool.errors import LsdError
+
+    if not isinstance(spec, str) and callable(spec):  # the API may pass the function itself
+        name = getattr(spec, "__qualname__", None) or type(spec).__name__
+        return PerSampleMetric(spec, f"{getattr(spec, '__module__', '?')}:{name}", getattr(spec, "__name__", "value"),
+                               identity=f"callable:{id(spec)}")
+    spec = str(spec).strip()
+    if spec in BUILTIN_METRICS:
+        return BUILTIN_METRICS[spec](**context)
+    if ":" not in spec:
+        raise LsdError(f"unknown metric {spec!r}: use {', '.join(BUILTIN_METRICS)} or MODULE:FUNCTION")
+    fn, digest = _import_function(spec)
+    return PerSampleMetric(fn, spec, spec.rpartition(":")[2], identity=f"{spec}@{digest}")
+
+
+def make_metrics(specs, **context):
+    """A metric (or :class:`MetricSet`) from one spec or a list of them; ``context`` goes to built-in factories."""
+    from lsdtool.errors import LsdError
+
+    specs = [specs] if isinstance(specs, str) or callable(specs) else list(specs)
+    if not specs:
+        raise LsdError("no metric given")
+    metrics = [resolve_metric(s, **context) for s in specs]
+    return metrics[0] if len(metrics) == 1 else MetricSet(metrics)

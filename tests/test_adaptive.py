@@ -296,7 +296,7 @@ def test_compare_rows_report_realised_nfe_diversity_and_the_footnote():
     model = ContextModel(length=32)
     model.fingerprint = "context:v0"
     res = compare.run(model, "confidence,entropy-bound", [2, 4], n=8, seed=1, tune_n=8, teacher=False,
-                      evaluator=compare.CountdownEval())
+                      evaluator=metrics.countdown_metric())
     cells = {(r.sampler, r.nfe): r for r in res.rows}
     assert set(cells) == {(s, k) for s in ("confidence", "entropy-bound") for k in (2, 4)}
     for (name, nfe), r in cells.items():
@@ -316,7 +316,7 @@ def test_compare_drives_confidence_with_the_distilled_grid(countdown, tmp_path):
 
     recipe = tmp_path / "tiny.toml"
     recipe.write_text('teacher_steps = 16\nsamples = 8\nbatch = 8\ncandidates = 8\niters = 1\nseed = 0\n')
-    ctx = compare.CompareSettings(countdown, 4, 1, 4, torch.device("cpu"), compare.CountdownEval(), str(tmp_path),
+    ctx = compare.CompareSettings(countdown, 4, 1, 4, torch.device("cpu"), metrics.countdown_metric(), str(tmp_path),
                                   recipe_file=str(recipe))
     driven, info = compare.cell_sampler(ctx, "lsd+:confidence", 3, {})
     plus, _ = compare.cell_sampler(ctx, "lsd+", 3, {})

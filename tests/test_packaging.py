@@ -54,7 +54,9 @@ def test_the_wheel_ships_the_recipes_and_finds_them_installed(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         inside = sorted(Path(n).name for n in z.namelist() if n.startswith("lsdtool/recipes/") and n.endswith(".toml"))
         z.extractall(tmp_path / "site")  # a pure-Python wheel installs by unpacking it into site-packages
+        names = set(z.namelist())
     assert inside == shipped and "countdown.toml" in inside
+    assert {f"lsdtool/models/embedded/countdown-net/{f}" for f in ("config.json", "model.safetensors")} <= names
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(tmp_path / "site")

@@ -12,7 +12,7 @@ class DiffusionModel:
 
     Attributes: ``name`` (short name stored in artifacts), ``graph`` ("absorb" | "uniform"),
     ``vocab_size`` V (mask included), ``seq_len`` L, ``noise`` (a :class:`Noise`),
-    ``fingerprint`` (architecture + weights), ``device``.
+    ``fingerprint`` (architecture + weights), ``task`` (the ``task`` key of a checkpoint's config), ``device``.
     """
 
     name: str
@@ -21,6 +21,7 @@ class DiffusionModel:
     seq_len: int
     noise: Noise
     fingerprint: str
+    task: str | None = None  # what the data is, when the model says (``countdown``: scored by its rule)
     device: torch.device = torch.device("cpu")
 
     def log_score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

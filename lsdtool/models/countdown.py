@@ -106,6 +106,7 @@ class CountdownModel(DiffusionModel):
     """Exact, training-free absorbing model of the countdown data (loglinear noise, V = 33, L = 256)."""
 
     name = "countdown"
+    task = "countdown"
     graph = "absorb"
     vocab_size = N_VALUES + 1
     seq_len = SEQ_LEN

@@ -65,4 +65,6 @@ def load_pretrained(name_or_path: str, offline: bool | None = None) -> Diffusion
     state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
     load_weights(model.net, state, str(found.weight_path))
     freeze(model.net)
+    task = config.get("task")
+    model.task = str(task) if task is not None else None
     return model

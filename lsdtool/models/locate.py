@@ -21,6 +21,8 @@ from lsdtool.locations import cache_root
 from lsdtool.models.registry import REGISTRY
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Checkpoints shipped inside the package, one directory per registry name (e.g. countdown-net).
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -182,7 +184,8 @@ def locate(name_or_path: str, offline: bool | None = None) -> Located:
     hub_id = None
     if name_or_path in REGISTRY:
         hub_id, name = REGISTRY[name_or_path], name_or_path
-        if hub_id is None:
+        directory = EMBEDDED_DIR / name_or_path
+        if hub_id is None and not directory.is_dir():
             raise LsdError(f"{name_or_path} is an embedded model, not a checkpoint")
     elif os.path.isdir(os.path.expanduser(name_or_path)):
         directory = Path(os.path.expanduser(name_or_path))

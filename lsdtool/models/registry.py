@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-# "countdown" is embedded in the package and needs no download (hub id None).
+# "countdown" is embedded in the package and needs no download (hub id None); so is "countdown-net",
+# a checkpoint shipped inside the package (see locate.EMBEDDED_DIR).
 REGISTRY: dict[str, str | None] = {
     "countdown": None,
+    "countdown-net": None,
     "sedd-small": "louaaron/sedd-small",
     "sedd-medium": "louaaron/sedd-medium",
     "radd-lambda-dce": "JingyangOu/radd-lambda-dce",
