@@ -53,8 +53,9 @@ def lookup(model_name: str, overrides: dict | None = None, *, cache_dir=None, re
 
 
 def obtain(model, overrides: dict | None = None, *, cache_dir=None, refit: bool = False, device=None,
-           quiet: bool = False, recipe_file: str | None = None):
-    """(path, Sampler) of the artifact for ``model`` and the effective recipe, distilling it on a miss."""
+           quiet: bool = False, recipe_file: str | None = None, world=None):
+    """(path, Sampler) of the artifact for ``model`` and the effective recipe, distilling it on a miss
+    (with a distributed ``world``, rank 0 fits and writes; the other ranks get (path, None))."""
     recipe = recipes.effective(model.name, recipe_file, overrides)
     path = artifact_path(model.name, model.fingerprint, recipe, _root(cache_dir))
     if path.exists() and not refit:
@@ -68,7 +69,9 @@ def obtain(model, overrides: dict | None = None, *, cache_dir=None, refit: bool 
                 log(f"cached artifact {path} is unreadable; distilling it again")
     from lsdtool import distill
 
-    result = distill.distill(model, recipe, device=device, quiet=quiet)
+    result = distill.distill(model, recipe, device=device, quiet=quiet, world=world)
+    if result is None:
+        return path, None
     meta = artifacts.metadata(model, result.sampler, recipe, recipes.to_toml(recipe), result.fit)
     artifacts.save(path, result.sampler, meta)
     return path, result.sampler

@@ -193,20 +193,28 @@ def distill(model_name, steps, plus, base, mode, objective, teacher_steps, sampl
     import json
     import shutil
 
-    from lsdtool import artifacts, cache
+    from lsdtool import artifacts, cache, distributed
     from lsdtool.console import log
 
     overrides = dict(steps=steps, plus=plus, base=base, mode=mode, objective=objective, teacher_steps=teacher_steps,
                      samples=samples, iters=iters, batch=batch, lr=lr, seed=seed)
-    path = None if refit else cache.lookup(model_name, overrides, cache_dir=cache_dir, recipe_file=recipe_file, offline=offline)
-    if path is not None:  # answered without loading the model or torch
-        log(f"cache hit: {path}")
+    launch, fitted = distributed.launch_from_env(os.environ), False
+    if launch:  # torchrun / srun: every rank rolls out a block, rank 0 fits and writes, all print its path
+        path, fitted = distributed.obtain(launch, model_name, overrides, cache_dir=cache_dir, recipe_file=recipe_file,
+                                          refit=refit, device=device, offline=offline, out=out)
+        out = None
     else:
-        from lsdtool import generation, models
+        path = None if refit else cache.lookup(model_name, overrides, cache_dir=cache_dir, recipe_file=recipe_file, offline=offline)
+        if path is not None:  # answered without loading the model or torch
+            log(f"cache hit: {path}")
+        else:
+            from lsdtool import generation, models
 
-        dev = generation.pick_device(device)
-        model = models.load(model_name, device=dev, offline=offline)
-        path, _ = cache.obtain(model, overrides, cache_dir=cache_dir, refit=refit, device=dev, recipe_file=recipe_file)
+            dev = generation.pick_device(device)
+            model = models.load(model_name, device=dev, offline=offline)
+            path, _ = cache.obtain(model, overrides, cache_dir=cache_dir, refit=refit, device=dev, recipe_file=recipe_file)
+            fitted = True
+    if fitted:
         fit = json.loads(artifacts.read(path)[0]["fit"])
         if fit.get("loss_before") is not None:
             before, after = fit.get("loss_before") or [], fit.get("loss_after") or []
