@@ -302,7 +302,8 @@ def fit_coeffs(rollout: TeacherRollout, path: list[int], recipe: dict, quiet: bo
             def closure():
                 opt.zero_grad()
                 loss = nll(k, log_phi.exp())
-                loss.backward()
+                if loss.requires_grad:  # else the teacher moves no position here and Phi_k stays 1
+                    loss.backward()
                 return loss
 
             opt.step(closure)
