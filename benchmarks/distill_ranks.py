@@ -55,9 +55,16 @@ def rank_main(rank: int, size: int, cfg: dict, results):
     world = distributed.World(launch, dev, timeout=600) if size > 1 else None
     try:
         x = torch.full((recipe["batch"], model.seq_len), model.vocab_size - 1, device=dev)
+        t = torch.full((recipe["batch"],), 0.5, device=dev)
         with torch.no_grad():
-            model.log_score(x, torch.full((recipe["batch"],), 0.5, device=dev))  # warm-up
-        sync(dev)
+            model.log_score(x, t)  # warm-up
+            sync(dev)
+            f0 = time.perf_counter()
+            model.log_score(x, t)
+            sync(dev)
+        if rank == 0:
+            print(f"{size} rank(s): one forward of {recipe['batch']} x {model.seq_len} on {dev}: "
+                  f"{1000 * (time.perf_counter() - f0):.1f} ms", file=sys.stderr, flush=True)
         if world is not None:
             world.agree("warming up", lambda: None)  # start together
         t0 = time.perf_counter()
@@ -100,10 +107,7 @@ def main():
     for size in [int(v) for v in args.ranks.split(",")]:
         cfg = {"quick": args.quick, "threads": args.threads, "port": free_port(), "recipe": recipe}
         results = ctx.SimpleQueue()
-        if size == 1:
-            rank_main(0, 1, cfg, results)
-        else:
-            mp.spawn(rank_main, args=(size, cfg, results), nprocs=size, join=True)
+        mp.spawn(rank_main, args=(size, cfg, results), nprocs=size, join=True)  # a fresh process: GPU memory freed
         rows.append(results.get())
         print(f"{size} rank(s): rollout {rows[-1]['rollout_seconds']:.2f} s, fit {rows[-1]['fit_seconds']:.2f} s", file=sys.stderr)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.quick else "cpu"
