@@ -50,7 +50,9 @@ def distill(model, recipe: dict, device=None, quiet: bool = False, world=None) -
     if hasattr(model, "to"):
         model.to(dev)
     start = time.time()
-    if recipe["iters"] == 0:  # untrained: the base sampler itself
+    if recipe["iters"] == 0:  # untrained: the base sampler itself (no rollout; rank 0 writes it)
+        if world is not None and world.rank != 0:
+            return None
         return FitResult(Sampler.plain(recipe["steps"], recipe["base"], recipe["mode"]), {"iterations": 0, "objective": recipe["objective"]})
     paper = recipe["objective"] == "paper"
     rollout = TeacherRollout(model, recipe, dev, quiet, collect_mass=paper and recipe["plus"], world=world)
@@ -188,7 +190,6 @@ class TeacherRollout:
             whole = world.gather_rows(getattr(self, name), dim, counts)
             if world.rank == 0:
                 setattr(self, name, whole)
-        world.gathered = True
 
 
 def _token_logp(log_score, tokens, rows):

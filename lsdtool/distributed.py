@@ -140,7 +140,7 @@ class World:
         own_gpu = device.type == "cuda" and len(set(places)) == self.size and all("/cuda" in p for p in places)
         self.data_device = device if own_gpu else torch.device("cpu")
         self.backend = "nccl" if own_gpu else "gloo"
-        self.gathered = False  # set once the summaries are on rank 0: from then on only rank 0's fit can fail
+        self.told = False  # whether the ranks already know of a failure (agree() shared it)
 
     # -- control messages (Gloo, on the CPU) -------------------------------------------------------
 
@@ -149,7 +149,7 @@ class World:
             return fn()
         except RuntimeError as exc:
             raise LsdError(f"rank {self.rank}: lost contact with the other ranks while {what} "
-                           f"(one exited or stopped answering within {self.timeout:g}s): {_first_line(exc)}") from None
+                           f"(a rank exited, or did not answer for {self.timeout:g}s): {_first_line(exc)}") from None
 
     def _all_text(self, text: str, what: str, group=None) -> list[str]:
         import torch
@@ -171,10 +171,12 @@ class World:
         try:
             out = fn()
         except Exception as exc:
+            self.told = True
             self._all_text(f"error:{_first_line(exc)}", what)
             raise
         failed = [(r, t) for r, t in enumerate(self._all_text("ok", what)) if t != "ok"]
         if failed:
+            self.told = True
             rank, text = failed[0]
             raise LsdError(f"rank {rank} failed while {what}: {text[len('error:'):]}")
         return out
@@ -237,7 +239,7 @@ def obtain(launch: Launch, model_name: str, overrides: dict, *, cache_dir=None, 
     Rank 0's cache lookup decides for all ranks; on a miss every rank loads the model and rolls out
     its block, rank 0 fits and writes the artifact (and ``out``), then sends its path to the others.
     """
-    from lsdtool import cache, fileio, models
+    from lsdtool import cache, models
     from lsdtool.console import log
 
     world = World(launch, pick_device(device, launch), timeout_seconds(os.environ))
@@ -253,13 +255,17 @@ def obtain(launch: Launch, model_name: str, overrides: dict, *, cache_dir=None, 
             if world.rank == 0:
                 log(f"{launch.launcher}: {world.size} ranks, summaries gathered over {world.backend}")
             model = world.agree("loading the model", lambda: models.load(model_name, device=world.device, offline=offline))
-            path = _fit(world, model, overrides, cache_dir, recipe_file, cache, out, fileio)
+            path = _fit(world, model, overrides, cache_dir, recipe_file, out)
         return (Path(out) if out else path), bool(not answer and world.rank == 0)
     finally:
         world.close()
 
 
-def _fit(world: World, model, overrides, cache_dir, recipe_file, cache, out, fileio) -> Path:
+def _fit(world: World, model, overrides, cache_dir, recipe_file, out) -> Path:
+    """Every rank's share of a distillation after the model is loaded; the path of the artifact."""
+    from lsdtool import cache, fileio
+    from lsdtool.console import log
+
     if world.rank != 0:  # roll out this rank's block, then wait for rank 0's fit
         cache.obtain(model, overrides, cache_dir=cache_dir, refit=True, device=world.device, quiet=True,
                      recipe_file=recipe_file, world=world)
@@ -273,9 +279,12 @@ def _fit(world: World, model, overrides, cache_dir, recipe_file, cache, out, fil
         if out:
             fileio.copy(path, out)
     except Exception as exc:
-        if world.gathered:  # the others wait for the fit; before that, agree() has told them
+        if not world.told:  # the others wait for the fit
             with contextlib.suppress(LsdError):
                 world.root_says(f"error:{_first_line(exc)}", "reporting the fit", wait=True)
         raise
-    world.root_says(f"ok:{path}", "reporting the fit", wait=True)
+    try:
+        world.root_says(f"ok:{path}", "reporting the fit", wait=True)
+    except LsdError as exc:  # a rank that left after its rollout does not undo a complete artifact
+        log(str(exc))
     return path

@@ -1,5 +1,6 @@
 """The teacher rollout over torch.distributed: 2 Gloo ranks on the CPU give the single-process artifact."""
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lsdtool import cache, distributed, recipes
+from lsdtool import cache, distill, distributed, recipes
 from lsdtool.models import load
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -42,14 +43,21 @@ def clean_env(**extra):
     return env
 
 
-def single_process(model_name, overrides, cache_dir):
-    """The reference: the same recipe distilled in this process, with the ranks' one thread."""
+@contextlib.contextmanager
+def one_thread():
+    """The ranks' setting (OMP_NUM_THREADS=1), for the single-process references."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        path, _ = cache.obtain(load(model_name), overrides, cache_dir=cache_dir, quiet=True)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def single_process(model_name, overrides, cache_dir):
+    """The reference: the same recipe distilled in this process."""
+    with one_thread():
+        path, _ = cache.obtain(load(model_name), overrides, cache_dir=cache_dir, quiet=True)
     return path
 
 
@@ -153,12 +161,36 @@ def test_torchrun_countdown_matches_one_process(tmp_path):
     assert same_artifact(path, reference)  # bit for bit
 
 
+KEEPS_ROLLOUT = textwrap.dedent("""
+    import sys
+    from safetensors.torch import save_file
+    from lsdtool import distill
+    from lsdtool.cli import main
+    real = distill.fit_teacher_path
+    def fit(rollout, recipe, quiet):
+        save_file({{k: getattr(rollout, k).contiguous() for k in {names!r}}}, {path!r})
+        return real(rollout, recipe, quiet)
+    distill.fit_teacher_path = fit
+    main(sys.argv[1:], prog_name="lsd")
+""")
+SUMMARIES = ("states", "reveal_step", "reveal_logp")
+
+
 def test_srun_sedd_fixture_matches_one_process_and_hits_the_cache(tmp_path):
+    from safetensors.torch import load_file
+
     model = str(FIXTURES / "sedd-tiny-absorb")
     reference = single_process(model, SEDD, tmp_path / "one")
     args = ["distill", "--model", model, *flags(SEDD)]
-    ranks = launch_ranks(args, tmp_path / "two", style="srun")
+    kept = tmp_path / "rollout.safetensors"  # what rank 0 fits on
+    ranks = launch_ranks(args, tmp_path / "two", style="srun",
+                         programs={0: KEEPS_ROLLOUT.format(names=SUMMARIES, path=str(kept))})
     assert [code for code, _, _ in ranks] == [0, 0], ranks[0][2] + ranks[1][2]
+    sedd = load(model)
+    with one_thread():
+        one = distill.TeacherRollout(sedd, recipes.effective(sedd.name, overrides=SEDD), torch.device("cpu"), quiet=True)
+    gathered = load_file(str(kept))
+    assert all(torch.equal(gathered[k], getattr(one, k)) for k in SUMMARIES)  # every trajectory in its place
     path = Path(ranks[0][1].splitlines()[-1])
     assert all(out.splitlines()[-1] == str(path) for _, out, _ in ranks)
     assert path.relative_to(tmp_path / "two") == reference.relative_to(tmp_path / "one")
@@ -169,29 +201,36 @@ def test_srun_sedd_fixture_matches_one_process_and_hits_the_cache(tmp_path):
     assert "cache hit" in again[0][2] and "ranks" not in again[0][2] and path.stat().st_mtime_ns == written
 
 
-DIES = textwrap.dedent("""
+FAULTY = textwrap.dedent("""
     import os, sys
     from lsdtool import distill
     from lsdtool.cli import main
-    real = distill.iterate
-    def iterate(*args, **kw):
-        for n, step in enumerate(real(*args, **kw)):
-            if n == 3:
+    real_iterate, real_fit = distill.iterate, distill.fit_teacher_path
+    def iterate(*args, **kw):  # the fault strikes mid-rollout
+        for n, step in enumerate(real_iterate(*args, **kw)):
+            if n == 3 and {in_rollout}:
                 {fault}
             yield step
-    distill.iterate = iterate
+    def fit(*args, **kw):
+        if not {in_rollout}:
+            {fault}
+        return real_fit(*args, **kw)
+    distill.iterate, distill.fit_teacher_path = iterate, fit
     main(sys.argv[1:], prog_name="lsd")
 """)
 
 
-@pytest.mark.parametrize("fault, reason", [("os._exit(3)", "lost contact with the other ranks while rolling out the teacher"),
-                                           ("raise MemoryError('out of memory on rank 1')",
-                                            "rank 1 failed while rolling out the teacher: out of memory on rank 1")])
-def test_a_rank_that_fails_stops_the_others_with_one_line_and_no_artifact(tmp_path, fault, reason):
+@pytest.mark.parametrize("faulty, in_rollout, fault, reason", [
+    (1, True, "os._exit(3)", "lost contact with the other ranks while rolling out the teacher"),
+    (1, True, "raise MemoryError('out of memory on rank 1')", "rank 1 failed while rolling out the teacher: out of memory on rank 1"),
+    (0, False, "raise distill.LsdError('no room for the fit')", "rank 0 failed to fit the sampler: no room for the fit"),
+])
+def test_a_rank_that_fails_stops_the_others_with_one_line_and_no_artifact(tmp_path, faulty, in_rollout, fault, reason):
     args = ["distill", "--model", "countdown", *flags(COUNTDOWN)]
-    (code0, out0, err0), (code1, _, _) = launch_ranks(args, tmp_path, programs={1: DIES.format(fault=fault)})
-    assert code1 != 0 and code0 == 1 and out0 == ""
-    errors = [line for line in err0.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and err0.splitlines()[-1] == errors[0] and reason in errors[0], err0
-    assert "Traceback" not in err0
+    ranks = launch_ranks(args, tmp_path, programs={faulty: FAULTY.format(in_rollout=in_rollout, fault=fault)})
+    (code, out, err), other = ranks[faulty], ranks[1 - faulty]
+    assert code != 0 and other[0] == 1 and other[1] == ""
+    errors = [line for line in other[2].splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and other[2].splitlines()[-1] == errors[0] and reason in errors[0], other[2]
+    assert "Traceback" not in other[2]
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # nothing written, not even a temp file
