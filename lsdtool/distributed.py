@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 
 from lsdtool.errors import LsdError
+from lsdtool.sharding import _int, shard_range
 
 DEFAULT_TIMEOUT = 1800.0  # seconds a collective may wait for the other ranks (LSD_DIST_TIMEOUT overrides)
 FIT_WAIT = 7 * 24 * 3600.0  # the other ranks wait this long for rank 0's fit; a rank that exits is noticed at once
@@ -37,13 +38,6 @@ class Launch:
     addr: str
     port: int
     launcher: str  # "torchrun" or "srun"
-
-
-def _int(env: Mapping[str, str], var: str) -> int:
-    try:
-        return int(env[var])
-    except ValueError:
-        raise ValueError(f"{var}={env[var]!r} is not an integer") from None
 
 
 def first_host(nodelist: str) -> str:
@@ -106,8 +100,6 @@ def rollout_rows(n: int, batch: int, rank: int, size: int) -> range:
     """The global trajectory indices rank ``rank`` of ``size`` rolls out: whole batches of the
     single-process run when there are at least as many batches as ranks (so every model call sees the
     same rows as in one process), else an even split of 0..n-1."""
-    from lsdtool.sharding import shard_range
-
     batches = -(-n // batch)
     if batches < size:
         return shard_range(n, rank, size)
