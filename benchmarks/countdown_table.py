@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from lsdtool import distill, recipes
+from lsdtool import distillation, recipes
 from lsdtool.metrics import countdown_errors
 from lsdtool.models import load
 from lsdtool.samplers import Sampler, sample
@@ -51,7 +51,7 @@ def main():
     # on M, the mode or the objective, and its candidate grid contains every uniform student grid.
     base = recipes.effective("countdown", overrides=dict(steps=max(args.nfe)))
     t0 = time.time()
-    rollout = distill.TeacherRollout(model, base, torch.device("cpu"), True, collect_mass=True)
+    rollout = distillation.TeacherRollout(model, base, torch.device("cpu"), collect_mass=True)
     print(f"protocol: countdown, n={args.n}, eval seeds={args.seeds}, distill seed=0, teacher {base['teacher_steps']} steps x "
           f"{base['samples']} samples (rollout {time.time() - t0:.1f}s, shared), cpu threads={torch.get_num_threads()}", file=sys.stderr)
     for nfe in args.nfe:
@@ -63,7 +63,7 @@ def main():
             extra = {"iters": args.paper_iters} if over["objective"] == "paper" else {}
             r = recipes.effective("countdown", overrides=dict(over, steps=nfe, **extra))
             t0 = time.time()
-            fit = distill.fit_teacher_path(rollout, r, True) if r["objective"] == "teacher-path" else distill.fit_paper(rollout, r, True)
+            fit = distillation.fit_teacher_path(rollout, r) if r["objective"] == "teacher-path" else distillation.fit_paper(rollout, r)
             wall = time.time() - t0
             rollout._scores.clear()
             rollout._score_bytes = 0

@@ -1,6 +1,6 @@
 """Teacher-rollout wall time of `lsd distill` with 1 and 2 ranks for the SEDD-small architecture
 (random weights, same FLOPs: 12 blocks, width 768, L = 1024, V = 50258), through the same code as
-`torchrun -m lsdtool distill` (lsdtool.distributed.World + distill.TeacherRollout), ranks started
+`torchrun -m lsdtool distill` (lsdtool.distributed.World + distillation.TeacherRollout), ranks started
 with torch.multiprocessing. Also times rank 0's fit, and checks that both runs give the same
 sampler bit for bit.
 
@@ -24,7 +24,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from lsdtool import distill, distributed, recipes
+from lsdtool import distillation, distributed, recipes
 from lsdtool.models.ddit import freeze
 from lsdtool.models.sedd import SEDD
 
@@ -68,12 +68,12 @@ def rank_main(rank: int, size: int, cfg: dict, results):
         if world is not None:
             world.agree("warming up", lambda: None)  # start together
         t0 = time.perf_counter()
-        rollout = distill.TeacherRollout(model, recipe, dev, quiet=True, world=world)
+        rollout = distillation.TeacherRollout(model, recipe, dev, world=world)
         sync(dev)
         rollout_s = time.perf_counter() - t0
         if rank == 0:
             t1 = time.perf_counter()
-            fit = distill.fit_teacher_path(rollout, recipe, quiet=True)
+            fit = distillation.fit_teacher_path(rollout, recipe)
             sync(dev)
             results.put({"ranks": size, "rollout_seconds": round(rollout_s, 3), "fit_seconds": round(time.perf_counter() - t1, 3),
                          "backend": world.backend if world else None, "device": str(dev),

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from lsdtool import distill, recipes
+from lsdtool import distillation, recipes
 from lsdtool.models.ddit import freeze
 from lsdtool.models.sedd import SEDD
 from lsdtool.samplers import sample
@@ -60,7 +60,7 @@ def main():
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
-    fit = distill.distill(model, recipe, device=str(dev))
+    fit = distillation.distill(model, recipe, device=str(dev))
     sync(dev)
     distill_s = time.perf_counter() - t0
     distill_peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None

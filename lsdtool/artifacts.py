@@ -1,69 +1,75 @@
-"""Sampler artifacts: one safetensors file, tensors ``timesteps``/``coeffs`` plus string metadata (DESIGN §7)."""
+"""Sampler artifacts: one safetensors file, tensors ``timesteps``/``coeffs`` plus string metadata (DESIGN §7).
+
+The format is written and read here only, in pure Python on the read side (a cache hit needs no
+torch). A sampler's metadata is everything :attr:`Sampler.meta <lsdtool.samplers.Sampler>` carries
+(model, recipe, fit, ...) with the fields the sampler itself defines written from the sampler, so
+save -> load -> save keeps every tensor and every field except ``created``.
+
+Format versions: 1 recorded no ``denoise`` and always named a model; 2 records ``denoise`` and
+names a model only when the sampler was made for one (a plain sampler names none). Both are read.
+"""
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import struct
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lsdtool import fileio, steprules
 from lsdtool.errors import LsdError
+from lsdtool.grids import grid_problem
 
 FORMAT = "lsd.sampler"
-FORMAT_VERSION = "1"
-REQUIRED = ("format", "format_version", "model", "model_fingerprint", "graph", "noise", "base", "mode",
-            "steps", "plus", "teacher_steps", "seed", "recipe", "fit", "lsdtool_version", "created")
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
+# written from the sampler itself on every save (never carried over from its metadata)
+OWN = ("format", "format_version", "base", "mode", "steps", "denoise", "lsdtool_version", "created")
+REQUIRED = OWN
+MODEL_FIELDS = ("model", "model_fingerprint", "graph", "noise")  # all of them, or none for a plain sampler
+REQUIRED_V1 = ("format", "format_version", "model", "model_fingerprint", "graph", "noise", "base", "mode",
+               "steps", "plus", "teacher_steps", "seed", "recipe", "fit", "lsdtool_version", "created")
+
+
+def model_fields(model) -> dict[str, str]:
+    """What an artifact records about the model it was made for (and how to load it again)."""
+    return {"model": model.name, "model_fingerprint": model.fingerprint,
+            "model_source": str(getattr(model, "source", model.name)), "graph": model.graph,
+            "noise": model.noise.describe()}
 
 
 def metadata(model, sampler, recipe: dict, recipe_toml: str, fit: dict) -> dict[str, str]:
-    """The metadata block of an artifact distilled for ``model`` with the effective ``recipe``."""
-    from lsdtool import __version__
-
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model": model.name,
-        "model_fingerprint": model.fingerprint,
-        "model_source": getattr(model, "source", model.name),
-        "graph": model.graph,
-        "noise": model.noise.describe(),
-        "base": sampler.base,
-        "mode": sampler.mode,
-        "steps": str(sampler.steps),
-        "plus": "true" if recipe.get("plus") else "false",
-        "objective": str(recipe.get("objective", "")),
-        "teacher_steps": str(recipe.get("teacher_steps", "")),
-        "seed": str(recipe.get("seed", "")),
-        "recipe": recipe_toml,
-        "fit": json.dumps(fit, sort_keys=True),
-        "lsdtool_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    """The metadata of an artifact distilled for ``model`` with the effective ``recipe``."""
+    return {**model_fields(model),
+            "plus": "true" if recipe.get("plus") else "false",
+            "objective": str(recipe.get("objective", "")),
+            "teacher_steps": str(recipe.get("teacher_steps", "")),
+            "seed": str(recipe.get("seed", "")),
+            "recipe": recipe_toml,
+            "fit": json.dumps(fit, sort_keys=True)}
 
 
-def save(path: str | Path, sampler, meta: dict[str, str]) -> Path:
-    """Write atomically: a temp file in the same directory, fsync, then ``os.replace``."""
-    from safetensors.torch import save_file
+def describe(sampler, meta: dict | None = None) -> dict[str, str]:
+    """The metadata block written for ``sampler``: its carried ``meta`` (default ``sampler.meta``)
+    with the sampler's own fields (base, mode, steps, denoise, format, version, time) set from it."""
+    from lsdtool.version import __version__
+
+    carried = sampler.meta if meta is None else meta
+    out = {k: str(v) for k, v in carried.items() if k not in OWN}
+    out.update({"format": FORMAT, "format_version": FORMAT_VERSION, "base": sampler.base, "mode": sampler.mode,
+                "steps": str(sampler.steps), "denoise": "true" if sampler.denoise else "false",
+                "lsdtool_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return out
+
+
+def save(path: str | Path, sampler, meta: dict | None = None) -> Path:
+    """Write ``sampler`` (with ``meta``, default its own) to ``path`` atomically through :mod:`lsdtool.fileio`."""
+    from safetensors.torch import save
 
     sampler.check()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"timesteps": sampler.timesteps.detach().double().cpu().contiguous(),
                "coeffs": sampler.coeffs.detach().double().cpu().contiguous()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return fileio.write_bytes(path, save(tensors, metadata=describe(sampler, meta)))
 
 
 def read(path: str | Path) -> tuple[dict[str, str], list[float], list[float]]:
@@ -90,9 +96,13 @@ def read(path: str | Path) -> tuple[dict[str, str], list[float], list[float]]:
     meta = header.pop("__metadata__", None) or {}
     if meta.get("format") != FORMAT:
         raise LsdError(f"{path} is not an lsd sampler artifact (format {meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise LsdError(f"{path} has format_version {meta.get('format_version')!r}; this lsd reads {FORMAT_VERSION}")
-    missing = [k for k in REQUIRED if k not in meta] + [k for k in ("timesteps", "coeffs") if k not in header]
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise LsdError(f"{path} has format_version {version!r}; this lsd reads {', '.join(READABLE_VERSIONS)}")
+    required = REQUIRED_V1 if version == "1" else REQUIRED
+    missing = [k for k in required if k not in meta] + [k for k in ("timesteps", "coeffs") if k not in header]
+    if version != "1" and any(k in meta for k in MODEL_FIELDS):
+        missing += [k for k in MODEL_FIELDS if k not in meta]
     if missing:
         raise LsdError(f"{path} lacks {', '.join(missing)}")
     values = {}
@@ -108,10 +118,12 @@ def read(path: str | Path) -> tuple[dict[str, str], list[float], list[float]]:
             raise LsdError(f"{path}: tensor {name} is not a float64 vector inside the file")
         values[name] = list(struct.unpack(f"<{n}d", raw[8 + size + begin : 8 + size + end]))
     try:
-        json.loads(meta["fit"])
+        json.loads(meta.get("fit", "{}"))
         steps = int(meta["steps"])
     except ValueError:
         raise LsdError(f"{path} has malformed metadata (steps or fit)") from None
+    if meta.get("denoise", "false") not in ("true", "false"):
+        raise LsdError(f"{path} has malformed metadata (denoise is {meta['denoise']!r}, not true or false)")
     ts, cs = values["timesteps"], values["coeffs"]
     problem = grid_problem(ts, cs, meta["base"], meta["mode"])
     if problem:
@@ -121,41 +133,15 @@ def read(path: str | Path) -> tuple[dict[str, str], list[float], list[float]]:
     return dict(meta), ts, cs
 
 
-def load(path: str | Path):
-    """(Sampler, metadata) of a validated artifact."""
-    import torch
-
-    from lsdtool.samplers import Sampler
-
-    meta, ts, cs = read(path)
-    sampler = Sampler(torch.tensor(ts, dtype=torch.float64), torch.tensor(cs, dtype=torch.float64), meta["base"],
-                      meta["mode"], meta.get("denoise") == "true", meta=meta)
-    return sampler, meta
-
-
-def grid_problem(ts: list[float], cs: list[float], base: str, mode: str, bases=("euler", "tweedie")) -> str | None:
-    """What is wrong with a sampler grid and its coefficients, or None (shared with Sampler.check)."""
-    if base not in bases:
-        return f"unknown base {base!r} (expected one of {', '.join(bases)})"
-    if mode not in ("score", "temperature"):
-        return f"unknown mode {mode!r} (expected score or temperature)"
-    if len(cs) < 1 or len(ts) != len(cs) + 1:
-        return f"timesteps ({len(ts)}) and coeffs ({len(cs)}) do not match (need M+1 and M, M >= 1)"
-    if not all(math.isfinite(v) for v in ts + cs):
-        return "timesteps or coeffs contain NaN or inf"
-    if not all(b < a for a, b in zip(ts, ts[1:])):
-        return "timesteps are not strictly decreasing"
-    if ts[-1] <= 0 or ts[0] > 1:
-        return f"timesteps must lie in (0, 1], got {ts[0]:g} .. {ts[-1]:g}"
-    if mode == "score" and not all(c > 0 for c in cs):
-        return "score-mode coefficients must be positive"
-    return None
-
-
 def check_model(meta: dict[str, str], model, path, force: bool = False) -> None:
-    """An artifact is for one model: a fingerprint mismatch is an error unless ``force``."""
-    if meta["model_fingerprint"] != model.fingerprint and not force:
-        raise LsdError(f"{path} was distilled for {meta['model']} ({meta['model_fingerprint']}), not for "
-                       f"{model.name} ({model.fingerprint}); pass --force to use it anyway")
-    if meta["graph"] != model.graph:
-        raise LsdError(f"{path} is for a {meta['graph']} model but {model.name} is {model.graph}")
+    """An artifact made for one model fits only that model (a fingerprint mismatch is an error unless
+    ``force``); a plain one fits any model its step rule can run on."""
+    if "model_fingerprint" in meta:
+        if meta["model_fingerprint"] != model.fingerprint and not force:
+            raise LsdError(f"{path} was distilled for {meta['model']} ({meta['model_fingerprint']}), not for "
+                           f"{model.name} ({model.fingerprint}); pass --force to use it anyway")
+        if meta["graph"] != model.graph:
+            raise LsdError(f"{path} is for a {meta['graph']} model but {model.name} is {model.graph}")
+    rule = steprules.rule(meta["base"])
+    if rule.absorbing_only and model.graph != "absorb":
+        raise LsdError(f"{path} uses the {rule.name} step rule, which needs an absorbing model; {model.name} is {model.graph}")

@@ -1,28 +1,19 @@
-"""The artifact cache: location, keys, lookup-or-distil, listing (DESIGN §7)."""
+"""The one cache (DESIGN §7): distilled artifacts, Jump-Your-Steps grids and compare's teacher rows.
+
+Everything lives under the cache root (:func:`lsdtool.locations.cache_root`) and is written through
+:mod:`lsdtool.fileio`. Keys are hashes of what an entry depends on, so a changed input is a miss.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import os
+import json
 import re
 from pathlib import Path
 
-from lsdtool import artifacts, recipes
+from lsdtool import artifacts, fileio, recipes
 from lsdtool.errors import LsdError
-
-
-def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """``--cache-dir``, else ``LSD_CACHE_DIR``, else platformdirs' user cache dir for ``lsd``."""
-    if explicit:
-        return Path(explicit)
-    if os.environ.get("LSD_CACHE_DIR"):
-        return Path(os.environ["LSD_CACHE_DIR"])
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("lsd"))
-
-
-_root = cache_dir  # the functions below take a ``cache_dir`` argument that shadows the name
+from lsdtool.locations import cache_root
 
 
 def key(fingerprint: str, recipe_toml: str) -> str:
@@ -30,21 +21,31 @@ def key(fingerprint: str, recipe_toml: str) -> str:
     return hashlib.sha256(f"{fingerprint}\n{recipe_toml}".encode()).hexdigest()[:16]
 
 
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
 def artifact_path(name: str, fingerprint: str, recipe: dict, root: Path) -> Path:
     """<root>/<model>/<model>-<lsd|lsd+>-<steps>-<key>.safetensors"""
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    safe = _safe(name)
     kind = "lsd+" if recipe["plus"] else "lsd"
     return root / safe / f"{safe}-{kind}-{recipe['steps']}-{key(fingerprint, recipes.to_toml(recipe))}.safetensors"
+
+
+def jys_path(model_name: str, settings: dict, steps: int, root: Path) -> Path:
+    """<root>/jys/<model>-jys-<steps>-<hash of the search settings>.safetensors"""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return root / "jys" / f"{_safe(model_name)}-jys-{steps}-{digest}.safetensors"
 
 
 def lookup(model_name: str, overrides: dict | None = None, *, cache_dir=None, recipe_file: str | None = None,
            offline: bool | None = None) -> Path | None:
     """The cached artifact for a model and recipe, found without loading the model (or torch); None on a miss."""
-    from lsdtool.models import identify
+    from lsdtool.models.locate import identify
 
     name, fingerprint = identify(model_name, offline)
     recipe = recipes.effective(name, recipe_file, overrides)
-    path = artifact_path(name, fingerprint, recipe, _root(cache_dir))
+    path = artifact_path(name, fingerprint, recipe, cache_root(cache_dir))
     try:
         meta, _, _ = artifacts.read(path)
     except LsdError:
@@ -52,29 +53,31 @@ def lookup(model_name: str, overrides: dict | None = None, *, cache_dir=None, re
     return path if meta["model_fingerprint"] == fingerprint else None
 
 
-def obtain(model, overrides: dict | None = None, *, cache_dir=None, refit: bool = False, device=None,
-           quiet: bool = False, recipe_file: str | None = None, world=None):
-    """(path, Sampler) of the artifact for ``model`` and the effective recipe, distilling it on a miss
-    (with a distributed ``world``, rank 0 fits and writes; the other ranks get (path, None))."""
-    recipe = recipes.effective(model.name, recipe_file, overrides)
-    path = artifact_path(model.name, model.fingerprint, recipe, _root(cache_dir))
+def load_or_distill(model, overrides: dict | None = None, *, cache_dir=None, refit: bool = False, device=None,
+                    recipe_file: str | None = None, recipe: dict | None = None, log=None, world=None):
+    """The cached :class:`~lsdtool.samplers.Sampler` for ``model`` and the effective recipe (defaults <- shipped
+    recipe or ``recipe_file`` <- ``overrides``), distilled and cached on a miss; its ``path`` is the artifact.
+    ``recipe`` (a dict of recipe keys) takes the place of a recipe file. ``log`` gets one-line notes.
+    With a distributed ``world`` (:mod:`lsdtool.distributed`) rank 0 fits and writes; the other ranks get None."""
+    from lsdtool import distillation
+    from lsdtool.samplers import Sampler
+
+    if recipe is not None:
+        overrides = {**recipes.validate(recipe, "recipe"), **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    effective = recipes.effective(model.name, recipe_file, overrides)
+    path = artifact_path(model.name, model.fingerprint, effective, cache_root(cache_dir))
     if path.exists() and not refit:
         try:
-            sampler, _ = artifacts.load(path)
-            return path, sampler
+            return Sampler.load(path)
         except LsdError:
-            if not quiet:
-                from lsdtool.console import log
-
+            if log is not None:
                 log(f"cached artifact {path} is unreadable; distilling it again")
-    from lsdtool import distill
-
-    result = distill.distill(model, recipe, device=device, quiet=quiet, world=world)
+    result = distillation.distill(model, effective, device=device, world=world)
     if result is None:
-        return path, None
-    meta = artifacts.metadata(model, result.sampler, recipe, recipes.to_toml(recipe), result.fit)
-    artifacts.save(path, result.sampler, meta)
-    return path, result.sampler
+        return None
+    artifacts.save(path, result.sampler, artifacts.metadata(model, result.sampler, effective, recipes.to_toml(effective),
+                                                            result.fit))
+    return Sampler.load(path)
 
 
 def entries(root: Path) -> list[dict]:
@@ -82,10 +85,51 @@ def entries(root: Path) -> list[dict]:
     rows = []
     for path in sorted(root.rglob("*.safetensors")) if root.exists() else []:
         try:
-            sampler, meta = artifacts.load(path)
-            rows.append({"path": str(path), "model": meta["model"], "steps": sampler.steps, "plus": meta["plus"] == "true",
-                         "base": sampler.base, "mode": sampler.mode, "objective": meta.get("objective", ""),
-                         "created": meta["created"], "bytes": path.stat().st_size})
+            meta, _, cs = artifacts.read(path)
+            rows.append({"path": str(path), "model": meta.get("model", ""), "steps": len(cs),
+                         "plus": meta.get("plus") == "true", "base": meta["base"], "mode": meta["mode"],
+                         "objective": meta.get("objective", ""), "created": meta["created"],
+                         "bytes": path.stat().st_size})
         except LsdError as exc:
             rows.append({"path": str(path), "error": str(exc)})
     return rows
+
+
+def remove(paths, root: Path, remove_all: bool = False) -> list[Path]:
+    """Delete cached artifacts (``paths``, or every one with ``remove_all``), all checked before any is removed:
+    each must be a file inside the cache ``root``. Returns the removed paths."""
+    root = Path(root).resolve()
+    targets = sorted(root.rglob("*.safetensors")) if remove_all else [Path(p) for p in paths]
+    for p in targets:
+        if root not in p.resolve().parents:
+            raise LsdError(f"{p} is not inside the cache {root}")
+        if not p.is_file():
+            raise LsdError(f"{p} is not a cached artifact")
+    for p in targets:
+        p.unlink()
+    return targets
+
+
+def record_path(folder: str, stem: str, key_src: dict, root: Path) -> Path:
+    """<root>/<folder>/<stem>-<hash of key_src>.json: where a JSON result keyed by ``key_src`` is kept."""
+    digest = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
+    return root / folder / f"{stem}-{digest}.json"
+
+
+def read_record(path: Path, key_src: dict) -> dict | None:
+    """The JSON fields stored at ``path`` for exactly ``key_src`` (without the key), or None."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("key") != key_src:
+        return None
+    return {k: v for k, v in saved.items() if k != "key"}
+
+
+def write_record(path: Path, key_src: dict, fields: dict) -> None:
+    """Keep ``fields`` for ``key_src`` (a read-only cache only costs the next run the work)."""
+    try:
+        fileio.write_text(path, json.dumps({"key": key_src, **fields}))
+    except OSError:
+        pass

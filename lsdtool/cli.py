@@ -7,6 +7,9 @@ import sys
 
 import click
 
+from lsdtool import steprules
+from lsdtool.grids import MODES
+
 
 class LsdGroup(click.Group):
     """Turns expected failures into one line on stderr and exit 1; Ctrl-C into exit 130."""
@@ -51,7 +54,7 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 @click.option("--model", "model_name", help="Model: registry name, hub id or local directory.")
 @click.option("--sampler", "sampler_path", type=click.Path(dir_okay=True), help="Distilled sampler artifact (.safetensors); it names the model.")
 @click.option("--steps", type=int, callback=positive, help="Number of steps of a plain sampler.")
-@click.option("--base", type=click.Choice(["euler", "tweedie"]), default="euler", show_default=True)
+@click.option("--base", type=click.Choice(steprules.NAMES), default="euler", show_default=True, help="Step rule.")
 @click.option("--denoise", is_flag=True, help="Add SEDD's final denoise step (one more NFE).")
 @click.option("-n", "num", type=int, callback=non_negative, help="Number of samples  [default: 16, or one per --input line]")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -69,7 +72,7 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size, fmt, output, force, shard_spec,
            resume, prefix, suffix, input_path, device, offline):
     """Draw samples; one per line on stdout (or -o FILE)."""
-    from lsdtool import conditioning, console, generation, models, sharding
+    from lsdtool import api, console, generation, sharding
     from lsdtool.samplers import Sampler
 
     shard, num_shards = sharding.parse_shard(shard_spec) if shard_spec else sharding.shard_from_env(os.environ) or (0, 1)
@@ -79,21 +82,14 @@ def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size
         raise ValueError("give --input, or --prefix/--suffix, not both")
     dev = generation.pick_device(sharding.launcher_device(device, os.environ))
     if sampler_path:
-        from lsdtool import artifacts
-
-        sampler, meta = artifacts.load(sampler_path)
-        model = models.load(model_name or meta.get("model_source") or meta["model"], device=dev, offline=offline)
-        artifacts.check_model(meta, model, sampler_path, force)
+        model, sampler = api.load_artifact(sampler_path, model_name, device=dev, offline=offline, force=force)
     else:
         if not model_name or steps is None:
             raise click.UsageError("give --model and --steps, or --sampler ARTIFACT")
-        model = models.load(model_name, device=dev, offline=offline)
+        model = api.load_model(model_name, device=dev, offline=offline)
         sampler = Sampler.plain(steps, base=base, denoise=denoise)
-    conditions = conditioning.read_input(model, input_path) if input_path else conditioning.from_text(model, prefix, suffix)
-    if num is None:
-        num = len(conditions) if input_path else 16
-    elif input_path and num > len(conditions):
-        raise ValueError(f"-n {num} asks for more samples than {input_path} has lines ({len(conditions)})")
+    conditions = api.conditions(model, prefix, suffix, input_path)
+    num = api.sample_count(num, conditions, input_path)
     indices = list(sharding.shard_range(num, shard, num_shards))
     if num_shards > 1:
         block = f"indices {indices[0]}..{indices[-1]}" if indices else "no indices"
@@ -103,7 +99,7 @@ def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size
 
 
 def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output, conditions=None, resume=False):
-    from lsdtool import conditioning, console, generation, merge
+    from lsdtool import api, conditioning, console, generation, merge
 
     extra = generation.provenance(model, sampler, seed)
     done = merge.resume(output, indices, extra) if resume else 0
@@ -111,10 +107,9 @@ def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output, 
         console.log(f"resuming {output}: {done} of {len(indices)} samples already there")
     out = open(output, "a" if resume else "w", encoding="utf-8") if output else sys.stdout
     try:
-        with console.progress() as bar:
-            task = bar.add_task("sampling", total=(len(indices) - done) * sampler.nfe)
-            on_step = lambda step: bar.advance(task, step.x.shape[0])  # noqa: E731
-            for chunk, x in generation.batches(model, sampler, indices[done:], seed, batch_size, dev, on_step, conditions):
+        with console.Bars() as bars:
+            for chunk, x in api.sample_batches(model, sampler, indices[done:], seed, batch_size=batch_size, device=dev,
+                                               conditions=conditions, progress=bars):
                 given = conditions.given(chunk) if conditions is not None else None
                 for k, (i, row) in enumerate(zip(chunk, x)):
                     fields = extra if given is None else {**extra, "given": conditioning.spans(given[k])}
@@ -172,8 +167,8 @@ cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False),
 @click.option("--model", "model_name", required=True, help="Model: registry name, hub id or local directory.")
 @click.option("--steps", type=int, callback=positive, help="Student steps M.")
 @click.option("--plus/--no-plus", default=None, help="LSD+: also learn the time schedule.")
-@click.option("--base", type=click.Choice(["euler", "tweedie"]), default=None)
-@click.option("--mode", type=click.Choice(["score", "temperature"]), default=None, help="What Phi multiplies.")
+@click.option("--base", type=click.Choice(steprules.DISTILLABLE), default=None, help="Step rule.")
+@click.option("--mode", type=click.Choice(MODES), default=None, help="What Phi multiplies.")
 @click.option("--objective", type=click.Choice(["teacher-path", "paper"]), default=None)
 @click.option("--teacher-steps", type=int, callback=positive, help="Teacher steps N.")
 @click.option("--samples", type=int, callback=positive, help="Teacher trajectories.")
@@ -190,40 +185,33 @@ cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False),
 def distill(model_name, steps, plus, base, mode, objective, teacher_steps, samples, iters, batch, lr, seed,
             recipe_file, out, refit, cache_dir, device, offline):
     """Distil a few-step sampler; prints the artifact path as the last line of stdout."""
-    import json
-    import shutil
-
-    from lsdtool import artifacts, cache, distributed
+    from lsdtool import cache, console, distributed, fileio
     from lsdtool.console import log
 
     overrides = dict(steps=steps, plus=plus, base=base, mode=mode, objective=objective, teacher_steps=teacher_steps,
                      samples=samples, iters=iters, batch=batch, lr=lr, seed=seed)
-    launch, fitted = distributed.launch_from_env(os.environ), False
+    launch, fit = distributed.launch_from_env(os.environ), None
+    path = None if refit or launch else cache.lookup(model_name, overrides, cache_dir=cache_dir, recipe_file=recipe_file, offline=offline)
     if launch:  # torchrun / srun: every rank rolls out a block, rank 0 fits and writes, all print its path
-        path, fitted = distributed.obtain(launch, model_name, overrides, cache_dir=cache_dir, recipe_file=recipe_file,
-                                          refit=refit, device=device, offline=offline, out=out)
+        path, fit = distributed.obtain(launch, model_name, overrides, cache_dir=cache_dir, recipe_file=recipe_file,
+                                       refit=refit, device=device, offline=offline, out=out)
         out = None
+    elif path is not None:  # answered without loading the model or torch
+        log(f"cache hit: {path}")
     else:
-        path = None if refit else cache.lookup(model_name, overrides, cache_dir=cache_dir, recipe_file=recipe_file, offline=offline)
-        if path is not None:  # answered without loading the model or torch
-            log(f"cache hit: {path}")
-        else:
-            from lsdtool import generation, models
+        from lsdtool import api
 
-            dev = generation.pick_device(device)
-            model = models.load(model_name, device=dev, offline=offline)
-            path, _ = cache.obtain(model, overrides, cache_dir=cache_dir, refit=refit, device=dev, recipe_file=recipe_file)
-            fitted = True
-    if fitted:
-        fit = json.loads(artifacts.read(path)[0]["fit"])
-        if fit.get("loss_before") is not None:
-            before, after = fit.get("loss_before") or [], fit.get("loss_after") or []
-            log(f"fitted in {fit.get('seconds', 0):.1f}s on {fit.get('device')}: {fit.get('loss', 'loss')} "
-                f"{sum(before):.4g} -> {sum(after):.4g}")
+        model = api.load_model(model_name, device=device, offline=offline)
+        with console.Bars() as bars:
+            sampler = api.distill(model, **overrides, cache_dir=cache_dir, recipe=recipe_file, refit=refit,
+                                  device=model.device, progress=bars, log=log)
+        path, fit = sampler.path, sampler.fit
+    if fit and fit.get("loss_before") is not None:
+        before, after = fit.get("loss_before") or [], fit.get("loss_after") or []
+        log(f"fitted in {fit.get('seconds', 0):.1f}s on {fit.get('device')}: {fit.get('loss', 'loss')} "
+            f"{sum(before):.4g} -> {sum(after):.4g}")
     if out:
-        tmp = f"{out}.tmp"
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, out)
+        fileio.copy(path, out)
         path = out
     click.echo(str(path))
 
@@ -235,13 +223,14 @@ def inspect(artifact, as_json):
     """Show a sampler artifact: metadata, its grid, step sizes and coefficients."""
     import json
 
-    from lsdtool import artifacts
+    from lsdtool.samplers import Sampler
 
-    sampler, meta = artifacts.load(artifact)
+    sampler = Sampler.load(artifact)
+    meta = sampler.meta
     ts, cs = sampler.timesteps.tolist(), sampler.coeffs.tolist()
     if as_json:
         out = dict(meta)
-        out["fit"] = json.loads(meta["fit"])
+        out["fit"] = sampler.fit
         out.update(timesteps=ts, coeffs=cs)
         click.echo(json.dumps(out))
         return
@@ -250,10 +239,10 @@ def inspect(artifact, as_json):
 
     console = Console()
     info = Table(show_header=False, box=None)
-    for k in ("model", "model_fingerprint", "graph", "noise", "base", "mode", "steps", "plus", "objective",
+    for k in ("model", "model_fingerprint", "graph", "noise", "base", "mode", "steps", "denoise", "plus", "objective",
               "teacher_steps", "seed", "lsdtool_version", "created"):
         info.add_row(k, meta.get(k, ""))
-    fit = json.loads(meta["fit"])
+    fit = sampler.fit
     if fit.get("loss_before"):
         info.add_row("loss before", f"{sum(fit['loss_before']):.5g}")
         info.add_row("loss after", f"{sum(fit['loss_after']):.5g}")
@@ -277,9 +266,9 @@ def cache_group():
 @cache_dir_option
 def cache_path(cache_dir):
     """Print the cache directory."""
-    from lsdtool import cache
+    from lsdtool.locations import cache_root
 
-    click.echo(str(cache.cache_dir(cache_dir)))
+    click.echo(str(cache_root(cache_dir)))
 
 
 @cache_group.command("list")
@@ -290,8 +279,9 @@ def cache_list(cache_dir, as_json):
     import json
 
     from lsdtool import cache
+    from lsdtool.locations import cache_root
 
-    rows = cache.entries(cache.cache_dir(cache_dir))
+    rows = cache.entries(cache_root(cache_dir))
     if as_json:
         click.echo(json.dumps(rows))
         return
@@ -313,22 +303,12 @@ def cache_list(cache_dir, as_json):
 @cache_dir_option
 def cache_rm(paths, remove_all, cache_dir):
     """Remove cached artifacts (by path, or --all)."""
-    from pathlib import Path
-
     from lsdtool import cache
-    from lsdtool.errors import LsdError
+    from lsdtool.locations import cache_root
 
-    root = cache.cache_dir(cache_dir).resolve()
-    targets = sorted(root.rglob("*.safetensors")) if remove_all else [Path(p) for p in paths]
-    if not targets and not remove_all:
+    if not paths and not remove_all:
         raise click.UsageError("give artifact paths or --all")
-    for p in targets:
-        if root not in p.resolve().parents:
-            raise LsdError(f"{p} is not inside the cache {root}")
-        if not p.is_file():
-            raise LsdError(f"{p} is not a cached artifact")
-    for p in targets:
-        p.unlink()
+    for p in cache.remove(paths, cache_root(cache_dir), remove_all):
         click.echo(str(p))
 
 
@@ -461,20 +441,22 @@ def _compare_table(result, per_sample_ppl=False):
 def _compare_csv(result, path):
     import csv
 
+    from lsdtool import fileio
+
     keys = []
     for r in result.rows:
         keys += [k for k in r.metrics if k not in keys]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with fileio.atomic_write(path, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(["sampler", "steps", "nfe", "seconds_per_sample", *keys])
         for r in result.rows:
             w.writerow([r.sampler, r.steps, r.nfe, f"{r.seconds_per_sample:.6g}", *[r.metrics.get(k, "") for k in keys]])
-    os.replace(tmp, path)
 
 
 def _compare_plot(result, path, per_sample_ppl=False):
     import matplotlib
+
+    from lsdtool import fileio
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -505,10 +487,9 @@ def _compare_plot(result, path, per_sample_ppl=False):
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp)
+    with fileio.atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 import torch
 
 from lsdtool.errors import LsdError
-from lsdtool.samplers import CALLS_PER_STEP, DEFAULT_EPS, Sampler, power_grid
+from lsdtool import steprules
+from lsdtool.samplers import DEFAULT_EPS, Sampler, power_grid
 
 DEFAULT_SAMPLERS = ("euler", "tweedie", "lsd", "lsd+")
-PLAIN = ("euler", "tweedie", "count", "theta-trapezoidal")
+PLAIN = steprules.NAMES  # one row per step rule of the table
 CONTROLS = ("euler-temp", "power")
 KNOWN = PLAIN + ("jys",) + CONTROLS + ("lsd", "lsd+")
 LSD_VARIANTS = {"paper": ("objective", "paper"), "teacher-path": ("objective", "teacher-path"),
@@ -156,7 +157,8 @@ def lsd_overrides(name: str, steps: int, teacher_steps: int | None) -> dict:
 
 def steps_for(name: str, nfe: int) -> int:
     """Steps that spend ``nfe`` model calls, or :class:`Skip`."""
-    calls = CALLS_PER_STEP["theta-trapezoidal"] if name == "theta-trapezoidal" else 1
+    head = name.split(":")[0]
+    calls = steprules.RULES[head].calls if head in steprules.RULES else 1
     if nfe % calls:
         raise Skip(f"{name} makes {calls} model calls per step; NFE {nfe} is not a multiple of {calls}")
     if name == "jys" and nfe & (nfe - 1):
@@ -167,7 +169,9 @@ def steps_for(name: str, nfe: int) -> int:
 # ---- running ---------------------------------------------------------------------------------------
 
 @dataclass
-class Context:
+class CompareSettings:
+    """What every cell of one comparison shares: the model, samples, seeds, devices and callbacks."""
+
     model: object
     n: int
     seed: int
@@ -181,7 +185,6 @@ class Context:
     tune_n: int = 128
     progress: object = None  # callable(description, total) -> advance(k) callback, or None
     log: object = None
-    quiet: bool = False
     recipe_file: str | None = None
 
     @property
@@ -189,26 +192,32 @@ class Context:
         return self.seed + TUNE_SEED_OFFSET
 
 
-def _progress(ctx: Context, description: str, total: int):
+def _progress(ctx: CompareSettings, description: str, total: int):
     if ctx.progress is None:
         return lambda k=1: None
     return ctx.progress(description, total)
 
 
-def draw(ctx: Context, sampler: Sampler, n: int, seed: int, description: str = "") -> tuple[torch.Tensor, float]:
+def draw(ctx: CompareSettings, sampler: Sampler, n: int, seed: int, description: str = "") -> tuple[torch.Tensor, float]:
     """Samples 0..n-1 for ``seed`` (CPU tokens) and the wall time spent sampling."""
-    from lsdtool.generation import batches
+    from lsdtool.api import sample_batches
 
     advance = _progress(ctx, description, n * sampler.nfe)
-    on_step = lambda step: advance(step.x.shape[0])  # noqa: E731
+    reported = [0]
+
+    def progress(_description, done, _total):
+        advance(done - reported[0])
+        reported[0] = done
+
     out = []
     start = time.perf_counter()
-    for _, x in batches(ctx.model, sampler, list(range(n)), seed, ctx.batch_size, ctx.device, on_step):
+    for _, x in sample_batches(ctx.model, sampler, n, seed, batch_size=ctx.batch_size, device=ctx.device,
+                               progress=progress):
         out.append(x)
     return torch.cat(out), time.perf_counter() - start
 
 
-def _tune(ctx: Context, candidates, make, label: str) -> tuple[float, dict]:
+def _tune(ctx: CompareSettings, candidates, make, label: str) -> tuple[float, dict]:
     """The candidate whose sampler scores best on the held-out seed (ties: the first listed)."""
     scores = {}
     for c in candidates:
@@ -218,14 +227,14 @@ def _tune(ctx: Context, candidates, make, label: str) -> tuple[float, dict]:
     return best, {f"tuned_{label}": best, "tuning_scores": {f"{c:g}": scores[c] for c in candidates}}
 
 
-def build(ctx: Context, name: str, nfe: int, jys_cache: dict) -> tuple[Sampler, dict]:
+def cell_sampler(ctx: CompareSettings, name: str, nfe: int, jys_cache: dict) -> tuple[Sampler, dict]:
     """The engine sampler for one (name, NFE) cell and what the row should say about it."""
     model = ctx.model
     steps = steps_for(name, nfe)
     head = name.split(":")[0]
     if head in PLAIN:
-        if head == "count" and model.graph != "absorb":
-            raise Skip(f"count needs an absorbing model; {model.name} is {model.graph}")
+        if steprules.RULES[head].absorbing_only and model.graph != "absorb":
+            raise Skip(f"{head} needs an absorbing model; {model.name} is {model.graph}")
         return Sampler.plain(steps, base=head), {}
     if head == "euler-temp":
         def make(c):
@@ -244,7 +253,7 @@ def build(ctx: Context, name: str, nfe: int, jys_cache: dict) -> tuple[Sampler, 
             if model.graph != "absorb":
                 raise Skip(f"jys is implemented for absorbing models; {model.name} is {model.graph}")
             wanted = sorted(s for s in jys_cache.get("_wanted", [steps]) if s not in jys_cache)
-            found = jys.obtain(model, wanted, cache_dir=ctx.cache_dir, data=ctx.data, n=ctx.jys_samples,
+            found = jys.load_or_search(model, wanted, cache_dir=ctx.cache_dir, data=ctx.data, n=ctx.jys_samples,
                                seed=JYS_SEED, src_steps=max(JYS_SRC_STEPS, max(wanted)), log=ctx.log,
                                on_interval=_progress(ctx, "jys schedule search", max(wanted) - 1))
             jys_cache.update(found)
@@ -254,14 +263,14 @@ def build(ctx: Context, name: str, nfe: int, jys_cache: dict) -> tuple[Sampler, 
 
     if model.graph != "absorb" and ":paper" in name:
         raise Skip("the paper objective is implemented for absorbing models")
-    path, sampler = cache.obtain(model, lsd_overrides(name, steps, ctx.teacher_steps), cache_dir=ctx.cache_dir,
-                                 device=ctx.device, quiet=ctx.quiet, recipe_file=ctx.recipe_file)
+    sampler = cache.load_or_distill(model, lsd_overrides(name, steps, ctx.teacher_steps), cache_dir=ctx.cache_dir,
+                                    device=ctx.device, recipe_file=ctx.recipe_file, log=ctx.log)
     if sampler.nfe != nfe:
-        raise Skip(f"{name} artifact {path} spends {sampler.nfe} model calls, not {nfe}")
-    return sampler, {"artifact": str(path)}
+        raise Skip(f"{name} artifact {sampler.path} spends {sampler.nfe} model calls, not {nfe}")
+    return sampler, {"artifact": str(sampler.path)}
 
 
-def _log_row(ctx: Context, row: Row) -> None:
+def _log_row(ctx: CompareSettings, row: Row) -> None:
     if ctx.log is None:
         return
     key = ctx.evaluator.primary
@@ -271,40 +280,25 @@ def _log_row(ctx: Context, row: Row) -> None:
             + f" ({row.seconds_per_sample * 1000:.1f} ms/sample{', cached' if row.details.get('cached') else ''})")
 
 
-def teacher_row(ctx: Context, steps: int) -> Row:
+def teacher_row(ctx: CompareSettings, steps: int) -> Row:
     """The teacher reference row (Euler, ``steps`` steps). Its result is kept in the cache under
     compare/, keyed by everything it depends on, so a second identical run does not sample it again;
     such a row says ``details.cached`` and carries the timing of the run that measured it."""
-    import hashlib
-    import json
-    import os
-    import tempfile
-
-    from lsdtool import __version__
-    from lsdtool.cache import cache_dir as resolve
+    from lsdtool import cache
+    from lsdtool.version import __version__
+    from lsdtool.locations import cache_root
 
     key_src = {"model": ctx.model.fingerprint, "steps": steps, "n": ctx.n, "seed": ctx.seed, "metric": ctx.evaluator.name,
                "dtype": ctx.evaluator.dtype, "version": __version__, "row": 1}
-    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
-    path = resolve(ctx.cache_dir) / "compare" / f"teacher-{key}.json"
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved.get("key") == key_src:
-            return Row("teacher", steps, steps, saved["metrics"], saved["seconds_per_sample"],
-                       {"reference": True, "cached": str(path)})
-    except (OSError, ValueError, KeyError):
-        pass
+    path = cache.record_path("compare", "teacher", key_src, cache_root(ctx.cache_dir))
+    saved = cache.read_record(path, key_src)
+    if saved and "metrics" in saved and "seconds_per_sample" in saved:
+        return Row("teacher", steps, steps, saved["metrics"], saved["seconds_per_sample"],
+                   {"reference": True, "cached": str(path)})
     sampler = Sampler.plain(steps, "euler")
     x, seconds = draw(ctx, sampler, ctx.n, ctx.seed, f"teacher ({steps} steps)")
     row = Row("teacher", steps, sampler.nfe, ctx.evaluator(x), seconds / ctx.n, {"reference": True})
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".teacher.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"key": key_src, "metrics": row.metrics, "seconds_per_sample": row.seconds_per_sample}, f)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs the next run the teacher row
+    cache.write_record(path, key_src, {"metrics": row.metrics, "seconds_per_sample": row.seconds_per_sample})
     return row
 
 
@@ -317,10 +311,10 @@ def teacher_steps_default(model, recipe_file: str | None = None) -> int:
 
 def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: int | None = None, batch_size: int = 64,
         device=None, evaluator=None, cache_dir=None, data: str | None = None, teacher: bool = True,
-        tune_n: int | None = None, jys_samples: int = 256, recipe_file: str | None = None, progress=None, log=None,
-        quiet: bool = False) -> Comparison:
+        tune_n: int | None = None, jys_samples: int = 256, recipe_file: str | None = None, progress=None,
+        log=None) -> Comparison:
     """Run every (sampler, NFE) cell plus the teacher reference row; returns rows (no rendering)."""
-    from lsdtool import __version__
+    from lsdtool.version import __version__
     from lsdtool.generation import pick_device
 
     dev = device if isinstance(device, torch.device) else pick_device(device)
@@ -333,15 +327,15 @@ def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: in
     if any(name == "jys" for name in names) and not data and model.name != "countdown" and model.graph == "absorb":
         raise LsdError(f"jys needs clean data for {model.name}: pass --data FILE (jsonl of token ids)")
     evaluator = evaluator or make_evaluator(model, None, dev)
-    ctx = Context(model, n, seed, batch_size, dev, evaluator, cache_dir, teacher_steps, data, jys_samples,
-                  tune_n or min(n, 128), progress, log, quiet, recipe_file)
+    ctx = CompareSettings(model, n, seed, batch_size, dev, evaluator, cache_dir, teacher_steps, data, jys_samples,
+                          tune_n or min(n, 128), progress, log, recipe_file)
     n_teacher = teacher_steps or teacher_steps_default(model, recipe_file)
     rows, skipped, notes = [], [], []
     jys_cache: dict = {"_wanted": [k for k in nfes if k & (k - 1) == 0]}
     for name in names:
         for nfe in nfes:
             try:
-                sampler, details = build(ctx, name, nfe, jys_cache)
+                sampler, details = cell_sampler(ctx, name, nfe, jys_cache)
             except Skip as why:
                 skipped.append({"sampler": name, "nfe": nfe, "reason": str(why)})
                 continue

@@ -17,11 +17,10 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 
 from lsdtool.errors import LsdError
-from lsdtool.sharding import _int, shard_range
+from lsdtool.sharding import _int
 
 DEFAULT_TIMEOUT = 1800.0  # seconds a collective may wait for the other ranks (LSD_DIST_TIMEOUT overrides)
 FIT_WAIT = 7 * 24 * 3600.0  # the other ranks wait this long for rank 0's fit; a rank that exits is noticed at once
@@ -94,17 +93,6 @@ def timeout_seconds(env: Mapping[str, str]) -> float:
     if not value > 0:
         raise ValueError(f"LSD_DIST_TIMEOUT={text!r} must be a positive number of seconds")
     return value
-
-
-def rollout_rows(n: int, batch: int, rank: int, size: int) -> range:
-    """The global trajectory indices rank ``rank`` of ``size`` rolls out: whole batches of the
-    single-process run when there are at least as many batches as ranks (so every model call sees the
-    same rows as in one process), else an even split of 0..n-1."""
-    batches = -(-n // batch)
-    if batches < size:
-        return shard_range(n, rank, size)
-    block = shard_range(batches, rank, size)
-    return range(block.start * batch, min(n, block.stop * batch))
 
 
 class World:
@@ -225,8 +213,9 @@ def pick_device(name: str | None, launch: Launch):
 
 
 def obtain(launch: Launch, model_name: str, overrides: dict, *, cache_dir=None, recipe_file=None, refit=False,
-           device=None, offline=None, out=None) -> tuple[Path, bool]:
-    """``lsd distill`` as one rank of a launched job: (the path every rank prints, whether this rank fitted).
+           device=None, offline=None, out=None) -> tuple[str, dict | None]:
+    """``lsd distill`` as one rank of a launched job: (the path every rank prints, the fit report where
+    this rank fitted, else None).
 
     Rank 0's cache lookup decides for all ranks; on a miss every rank loads the model and rolls out
     its block, rank 0 fits and writes the artifact (and ``out``), then sends its path to the others.
@@ -242,41 +231,40 @@ def obtain(launch: Launch, model_name: str, overrides: dict, *, cache_dir=None, 
         if answer:
             if world.rank == 0:
                 log(f"cache hit: {answer}")
-            path = Path(answer)
-        else:
-            if world.rank == 0:
-                log(f"{launch.launcher}: {world.size} ranks, summaries gathered over {world.backend}")
-            model = world.agree("loading the model", lambda: models.load(model_name, device=world.device, offline=offline))
-            path = _fit(world, model, overrides, cache_dir, recipe_file, out)
-        return (Path(out) if out else path), bool(not answer and world.rank == 0)
+            return out or answer, None
+        if world.rank == 0:
+            log(f"{launch.launcher}: {world.size} ranks, summaries gathered over {world.backend}")
+        model = world.agree("loading the model", lambda: models.load(model_name, device=world.device, offline=offline))
+        path, fit = _fit(world, model, overrides, cache_dir, recipe_file, out)
+        return out or path, fit
     finally:
         world.close()
 
 
-def _fit(world: World, model, overrides, cache_dir, recipe_file, out) -> Path:
-    """Every rank's share of a distillation after the model is loaded; the path of the artifact."""
+def _fit(world: World, model, overrides, cache_dir, recipe_file, out) -> tuple[str, dict | None]:
+    """Every rank's share of a distillation once the model is loaded: (artifact path, rank 0's fit report)."""
     from lsdtool import cache, fileio
     from lsdtool.console import log
 
     if world.rank != 0:  # roll out this rank's block, then wait for rank 0's fit
-        cache.obtain(model, overrides, cache_dir=cache_dir, refit=True, device=world.device, quiet=True,
-                     recipe_file=recipe_file, world=world)
+        cache.load_or_distill(model, overrides, cache_dir=cache_dir, refit=True, device=world.device,
+                              recipe_file=recipe_file, world=world)
         answer = world.root_says(None, "waiting for rank 0's fit", wait=True)
         if not answer.startswith("ok:"):
             raise LsdError(f"rank 0 failed to fit the sampler: {answer[len('error:'):]}")
-        return Path(answer[len("ok:"):])
+        return answer[len("ok:"):], None
     try:
-        path, _ = cache.obtain(model, overrides, cache_dir=cache_dir, refit=True, device=world.device,
-                               recipe_file=recipe_file, world=world)
+        sampler = cache.load_or_distill(model, overrides, cache_dir=cache_dir, refit=True, device=world.device,
+                                        recipe_file=recipe_file, log=log, world=world)
         if out:
-            fileio.copy(path, out)
+            fileio.copy(sampler.path, out)
     except Exception as exc:
         if not world.told:  # the others wait for the fit
             with contextlib.suppress(LsdError):
                 world.root_says(f"error:{_first_line(exc)}", "reporting the fit", wait=True)
         raise
     try:
-        world.root_says(f"ok:{path}", "reporting the fit", wait=True)
+        world.root_says(f"ok:{sampler.path}", "reporting the fit", wait=True)
     except LsdError as exc:  # a rank that left after its rollout does not undo a complete artifact
         log(str(exc))
-    return path
+    return str(sampler.path), sampler.fit

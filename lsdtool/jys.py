@@ -224,50 +224,36 @@ def _settings(model, x0: torch.Tensor, desc: str, n: int, seed: int, src_steps: 
             "samples": int(x0.shape[0]), "seed": seed, "src_steps": src_steps, "form": form, "max_iter": 32}
 
 
-def artifact_path(root: Path, model, settings: dict, steps: int) -> Path:
-    import re
-
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.name)
-    return root / "jys" / f"{name}-jys-{steps}-{key}.safetensors"
-
-
-def _meta(model, steps: int, settings: dict, fit: dict) -> dict[str, str]:
-    from datetime import datetime, timezone
-
-    from lsdtool import __version__
-    from lsdtool.artifacts import FORMAT, FORMAT_VERSION
+def _meta(model, settings: dict, fit: dict) -> dict[str, str]:
+    """The artifact metadata of a JYS grid (the sampler's own fields are written from the sampler)."""
+    from lsdtool.artifacts import model_fields
 
     recipe = "".join(f"{k} = {json.dumps(v)}\n" for k, v in sorted(settings.items()))
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.name, "model_fingerprint": model.fingerprint,
-            "model_source": str(getattr(model, "source", model.name)), "graph": model.graph, "noise": model.noise.describe(), "base": "euler", "mode": "score", "steps": str(steps),
-            "plus": "false", "objective": "jys", "teacher_steps": str(settings["src_steps"]), "seed": str(settings["seed"]),
-            "recipe": recipe, "fit": json.dumps(fit, sort_keys=True), "lsdtool_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {**model_fields(model), "plus": "false", "objective": "jys", "teacher_steps": str(settings["src_steps"]),
+            "seed": str(settings["seed"]), "recipe": recipe, "fit": json.dumps(fit, sort_keys=True)}
 
 
-def obtain(model, steps_list, *, cache_dir=None, data: str | None = None, n: int = 256, seed: int = 0,
-           src_steps: int = 1024, form: str = "released", batch_size: int = 256, log=None,
-           on_interval=None) -> dict[int, tuple[Path, Sampler]]:
+def load_or_search(model, steps_list, *, cache_dir=None, data: str | None = None, n: int = 256, seed: int = 0,
+                   src_steps: int = 1024, form: str = "released", batch_size: int = 256, log=None,
+                   on_interval=None) -> dict[int, tuple[Path, Sampler]]:
     """JYS samplers for every power-of-two count in ``steps_list``, from the cache or computed (and cached).
     ``on_interval`` is called after each interval's search (max(steps_list) - 1 of them from scratch)."""
-    from lsdtool import artifacts
-    from lsdtool.cache import cache_dir as resolve
+    from lsdtool import cache
+    from lsdtool.locations import cache_root
 
     steps_list = sorted(set(int(s) for s in steps_list))
     bad = [s for s in steps_list if s < 1 or s & (s - 1)]
     if bad:
         raise LsdError(f"Jump-Your-Steps schedules have power-of-two step counts, not {', '.join(map(str, bad))}")
-    root = resolve(cache_dir)
+    root = cache_root(cache_dir)
     x0, desc = clean_data(model, data, n, seed)
     settings = _settings(model, x0, desc, n, seed, src_steps, form)
     out, missing = {}, []
     for s in steps_list:
-        path = artifact_path(root, model, settings, s)
+        path = cache.jys_path(model.name, settings, s, root)
         if path.exists():
             try:
-                sampler, meta = artifacts.load(path)
-                out[s] = (path, sampler)
+                out[s] = (path, Sampler.load(path))
                 continue
             except LsdError:
                 pass
@@ -277,11 +263,10 @@ def obtain(model, steps_list, *, cache_dir=None, data: str | None = None, n: int
     # resume from the deepest cached level below the largest missing one
     start, level = None, 1
     while level < max(missing):
-        path = artifact_path(root, model, settings, level)
+        path = cache.jys_path(model.name, settings, level, root)
         if path.exists():
             try:
-                _, meta = artifacts.load(path)
-                start = json.loads(meta["fit"])["indices"]
+                start = Sampler.load(path).fit["indices"]
             except (LsdError, KeyError, ValueError):
                 pass
         level *= 2
@@ -295,9 +280,9 @@ def obtain(model, steps_list, *, cache_dir=None, data: str | None = None, n: int
     for s, lv in levels.items():
         fit = {"indices": lv["indices"], "klub_drop": lv["klub"], "model_calls": klub.calls,
                "seconds": round(time.time() - began, 2), "form": form}
-        sampler = Sampler(lv["timesteps"], torch.ones(s, dtype=torch.float64), "euler", "score")
-        path = artifact_path(root, model, settings, s)
-        artifacts.save(path, sampler, _meta(model, s, settings, fit))
+        sampler = Sampler(lv["timesteps"], torch.ones(s, dtype=torch.float64), "euler", "score",
+                          meta=_meta(model, settings, fit))
+        path = sampler.save(cache.jys_path(model.name, settings, s, root))
         if s in missing:
             out[s] = (path, sampler)
     return out

@@ -6,11 +6,13 @@ file an uninterrupted, unsharded run writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from dataclasses import dataclass
 
+from lsdtool import fileio
 from lsdtool.errors import LsdError
 from lsdtool.sharding import SHARD_NAME
 
@@ -132,26 +134,18 @@ def plan(paths: list[str]) -> list[tuple[str, Record]]:
 def merge(paths: list[str], output: str | None) -> int:
     """Write the records of ``paths`` in index order to ``output`` (atomically) or stdout; returns n."""
     order = plan(paths)
-    tmp = f"{output}.tmp-{os.getpid()}" if output else None
-    out = open(tmp, "wb") if tmp else sys.stdout.buffer
-    current, f = None, None
-    try:
-        for path, r in order:
-            if path != current:  # shards are contiguous blocks, so each file is opened once
-                if f:
-                    f.close()
-                current, f = path, open(path, "rb")
-            f.seek(r.offset)
-            out.write(f.read(r.length))
-        out.flush()
-        if tmp:
-            out.close()
-            os.replace(tmp, output)
-    finally:
-        if f:
-            f.close()
-        if tmp and not out.closed:
-            out.close()
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
+    with fileio.atomic_write(output, "wb") if output else contextlib.nullcontext(sys.stdout.buffer) as out:
+        current, f = None, None
+        try:
+            for path, r in order:
+                if path != current:  # shards are contiguous blocks, so each file is opened once
+                    if f:
+                        f.close()
+                    current, f = path, open(path, "rb")
+                f.seek(r.offset)
+                out.write(f.read(r.length))
+            out.flush()
+        finally:
+            if f:
+                f.close()
     return len(order)

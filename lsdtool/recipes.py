@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from lsdtool import steprules
 from lsdtool.errors import LsdError
+from lsdtool.grids import MODES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -17,8 +19,8 @@ SCHEMA: dict[str, tuple[type, object, tuple | None, str]] = {
     "model": (str, "", None, "model the recipe was written for (informational)"),
     "steps": (int, 8, None, "student steps M"),
     "plus": (bool, False, None, "LSD+: also learn the time schedule"),
-    "base": (str, "euler", ("euler", "tweedie"), "base step rule"),
-    "mode": (str, "score", ("score", "temperature"), "what Phi multiplies"),
+    "base": (str, "euler", steprules.DISTILLABLE, "base step rule"),
+    "mode": (str, "score", MODES, "what Phi multiplies"),
     "objective": (str, "teacher-path", ("teacher-path", "paper"), "fitting objective"),
     "teacher_steps": (int, 1024, None, "teacher steps N"),
     "samples": (int, 256, None, "teacher trajectories used for fitting"),
@@ -34,11 +36,17 @@ SCHEMA: dict[str, tuple[type, object, tuple | None, str]] = {
 }
 POSITIVE = ("steps", "teacher_steps", "samples", "batch", "candidates")
 
-RECIPE_DIRS = [Path(__file__).resolve().parent.parent / "recipes", Path(__file__).resolve().parent / "recipes"]
+# Shipped recipes: inside the installed package (copied there by the build), else the checkout's recipes/.
+RECIPE_DIRS = [Path(__file__).resolve().parent / "recipes", Path(__file__).resolve().parent.parent / "recipes"]
 
 
 def defaults() -> dict:
     return {k: v[1] for k, v in SCHEMA.items()}
+
+
+def complete(values: dict, source: str = "recipe") -> dict:
+    """A validated recipe with every key the ``values`` leave out at its default."""
+    return {**defaults(), **validate({k: v for k, v in values.items() if v is not None}, source)}
 
 
 def validate(values: dict, source: str) -> dict:

@@ -26,19 +26,19 @@ absorb), in float64, in chunks, and drawn by inverse CDF from counter-based unif
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from lsdtool import rng
+from lsdtool import artifacts, rng, steprules
 from lsdtool.diffusion import Graph, Noise, make_graph
+from lsdtool.grids import grid_problem
 
-BASES = ("euler", "tweedie", "count", "theta-trapezoidal")
-CALLS_PER_STEP = {"euler": 1, "tweedie": 1, "count": 1, "theta-trapezoidal": 2}  # model calls (NFE) per step
 THETA = 0.5  # theta of the theta-trapezoidal rule
-MODES = ("score", "temperature")
 DEFAULT_EPS = 1e-5
 _CHUNK_ELEMS = 1 << 24  # float64 elements per row chunk: bounds memory for V = 50k vocabularies
 
@@ -70,12 +70,33 @@ class Sampler:
     base: str = "euler"
     mode: str = "score"
     denoise: bool = False  # one extra model call at tau_M (SEDD's final denoise step)
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # artifact metadata: model, recipe, fit, ... (strings)
+    path: Path | None = field(default=None, compare=False)  # the artifact it was loaded from or saved to
 
     @classmethod
     def plain(cls, steps: int, base: str = "euler", mode: str = "score", denoise: bool = False) -> "Sampler":
         """The untrained sampler: uniform grid, Phi = 1."""
         return cls(uniform_grid(steps), torch.ones(steps, dtype=torch.float64), base, mode, denoise)
+
+    @classmethod
+    def load(cls, path: str | Path, model=None, force: bool = False) -> "Sampler":
+        """The sampler of an artifact, validated; with ``model``, also checked to fit it (``force``
+        accepts an artifact distilled for another model of the same graph)."""
+        meta, ts, cs = artifacts.read(path)
+        if model is not None:
+            artifacts.check_model(meta, model, path, force)
+        return cls(torch.tensor(ts, dtype=torch.float64), torch.tensor(cs, dtype=torch.float64), meta["base"],
+                   meta["mode"], meta.get("denoise") == "true", meta=meta, path=Path(path))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the artifact atomically (tensors and metadata); returns the path."""
+        self.path = artifacts.save(path, self)
+        return self.path
+
+    @property
+    def fit(self) -> dict:
+        """The fit report of a distilled sampler (losses, time, device), {} for others."""
+        return json.loads(self.meta.get("fit") or "{}")
 
     @property
     def steps(self) -> int:
@@ -84,16 +105,14 @@ class Sampler:
     @property
     def nfe(self) -> int:
         """Model calls: every step's calls (two for two-stage rules) plus the optional denoise call."""
-        return self.steps * CALLS_PER_STEP.get(self.base, 1) + int(self.denoise)
+        return self.steps * steprules.rule(self.base).calls + int(self.denoise)
 
     def check(self) -> None:
         """Raise ValueError unless the grid and coefficients describe a valid sampler."""
-        from lsdtool.artifacts import grid_problem
-
         ts, cs = self.timesteps, self.coeffs
         if ts.ndim != 1 or cs.ndim != 1:
             raise ValueError(f"timesteps {tuple(ts.shape)} and coeffs {tuple(cs.shape)} must be vectors")
-        problem = grid_problem(ts.tolist(), cs.tolist(), self.base, self.mode, BASES)
+        problem = grid_problem(ts.tolist(), cs.tolist(), self.base, self.mode)
         if problem:
             raise ValueError(problem)
 
@@ -335,64 +354,109 @@ def advance(model, rows_fn, log_score, x, draws, fixed=None, *args, row_inputs=(
     return x_flat.reshape(x.shape)
 
 
+@dataclass
+class Run:
+    """One engine run as the step functions of :mod:`lsdtool.steprules` see it."""
+
+    model: object
+    sampler: Sampler
+    index: torch.Tensor  # (B,) global sample ids
+    seed: int
+    fixed: torch.Tensor | None  # (B, L) bool positions that never change
+    grad: bool
+    timesteps: torch.Tensor  # (M+1,) the grid (differentiable when ``grad``)
+    coeffs: torch.Tensor  # (M,) float64 on the run's device
+    state: dict = field(default_factory=dict)  # what a rule keeps between its steps
+
+    @property
+    def device(self) -> torch.device:
+        return self.index.device
+
+    def call(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """The model's log score (B, L, V) at state x (B, L) and scalar time."""
+        with torch.set_grad_enabled(self.grad):
+            return self.model.log_score(x, time.to(device=self.device, dtype=torch.float32).expand(x.shape[0]))
+
+    def times(self, k: int):
+        """(t, s, t64, s64, final) of step k: the grid times and their float64 copies on the device."""
+        t, s = self.timesteps[k], self.timesteps[k + 1]
+        final = k == self.sampler.steps - 1 and not self.sampler.denoise
+        return t, s, t.detach().double().to(self.device), s.detach().double().to(self.device), final
+
+    def moving_masks(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: masked positions that are not fixed."""
+        masked = x == self.model.vocab_size - 1
+        return masked if self.fixed is None else masked & ~self.fixed
+
+
+def one_call_step(run: Run, k: int, x: torch.Tensor) -> Iterator[Step]:
+    """Euler and Tweedie: one model call, every movable row drawn from :func:`step_rows`."""
+    t, s, t64, s64, final = run.times(k)
+    log_score = run.call(x, t)
+    x_next = advance(run.model, step_rows, log_score, x, (run.seed, run.index, k), run.fixed, t64, s64,
+                     run.sampler.base, run.coeffs[k], run.sampler.mode, final)
+    yield Step(k, t, s, x, log_score, x_next, final)
+
+
+def count_step(run: Run, k: int, x: torch.Tensor) -> Iterator[Step]:
+    """Count: move exactly the n_k masked positions that come first in the sample's random order."""
+    model = run.model
+    if k == 0:
+        run.state["left"] = count_schedule(model.noise, run.timesteps, run.moving_masks(x).sum(-1))  # (B, M+1)
+        run.state["order"] = rng.uniforms(run.seed, rng.STREAM_ORDER, run.index, 0, x.shape[1])  # one order per sample
+    t, s, t64, s64, final = run.times(k)
+    log_score = run.call(x, t)
+    still = run.moving_masks(x)
+    n_k = (still.sum(-1) - run.state["left"][:, k + 1]).clamp_min(0)
+    rank = torch.where(still, run.state["order"], 2.0).argsort(-1).argsort(-1)
+    hold = ~(still & (rank < n_k[:, None]))
+    x_next = advance(model, step_rows, log_score, x, (run.seed, run.index, k), hold if run.fixed is None else hold | run.fixed,
+                     t64, s64, "count", run.coeffs[k], run.sampler.mode, True)
+    yield Step(k, t, s, x, log_score, x_next, final)
+
+
+def trapezoidal_step(run: Run, k: int, x: torch.Tensor) -> Iterator[Step]:
+    """Theta-trapezoidal: a tau-leaping stage to rho, then the trapezoidal stage to s (two model calls)."""
+    model, mode = run.model, run.sampler.mode
+    t, s, t64, s64, final = run.times(k)
+    log_score = run.call(x, t)
+    rho = t - THETA * (t - s)
+    rho64 = rho.detach().double().to(run.device)
+    x_mid = advance(model, tau_leap_rows, log_score, x, (run.seed, run.index, k), run.fixed, t64, rho64,
+                    run.coeffs[k], mode, False)
+    yield Step(k, t, rho, x, log_score, x_mid, False, 0)
+    log_score_mid = run.call(x_mid, rho)
+    x_next = advance(model, trapezoidal_rows, log_score_mid, x_mid, (run.seed, run.index, k, rng.STREAM_STAGE), run.fixed,
+                     t64, rho64, s64, run.coeffs[k], mode, final, row_inputs=(log_score, x))
+    yield Step(k, rho, s, x_mid, log_score_mid, x_next, final, 1)
+
+
 def iterate(model, sampler: Sampler, index: torch.Tensor, seed: int, x_init=None, fixed=None,
             grad: bool = False, timesteps=None) -> Iterator[Step]:
     """Run the sampler, yielding a :class:`Step` after each model call (the one engine loop).
 
     index (B,) global sample ids; x_init (B, L) start state (default :func:`start_state`); fixed (B, L)
     bool positions that never change; ``timesteps`` overrides the grid (a differentiable tensor when
-    ``grad``, so the log scores keep their graph to the time input).
+    ``grad``, so the log scores keep their graph to the time input). Each step is taken by the base
+    rule's step function from :mod:`lsdtool.steprules`.
     """
     device = index.device
+    rule = steprules.rule(sampler.base)
+    if rule.absorbing_only and model.graph != "absorb":
+        raise ValueError(f"the {rule.name} sampler needs an absorbing model; {getattr(model, 'name', 'this model')} is {model.graph}")
+    step_fn = rule.step_function()
     x = start_state(model, index, seed) if x_init is None else x_init.to(device)
     ts = sampler.timesteps if timesteps is None else timesteps
     coeffs = sampler.coeffs.detach().to(device=device, dtype=torch.float64)
-    b, m = x.shape[0], sampler.steps
-    base = sampler.base
-    if base == "count":
-        if model.graph != "absorb":
-            raise ValueError(f"the count sampler needs an absorbing model; {getattr(model, 'name', 'this model')} is {model.graph}")
-        open_ = x == model.vocab_size - 1 if fixed is None else (x == model.vocab_size - 1) & ~fixed
-        left = count_schedule(model.noise, ts, open_.sum(-1))  # (B, M+1)
-        order = rng.uniforms(seed, rng.STREAM_ORDER, index, 0, x.shape[1])  # one random order per sample
-
-    def call(state, time):
-        with torch.set_grad_enabled(grad):
-            return model.log_score(state, time.to(device=device, dtype=torch.float32).expand(b))
-
+    run = Run(model, sampler, index, seed, fixed, grad, ts, coeffs)
+    m = sampler.steps
     for k in range(m):
-        t, s = ts[k], ts[k + 1]
-        final = k == m - 1 and not sampler.denoise
-        t64, s64 = t.detach().double().to(device), s.detach().double().to(device)
-        log_score = call(x, t)
-        if base == "theta-trapezoidal":
-            rho = t - THETA * (t - s)
-            rho64 = rho.detach().double().to(device)
-            x_mid = advance(model, tau_leap_rows, log_score, x, (seed, index, k), fixed, t64, rho64,
-                            coeffs[k], sampler.mode, False)
-            yield Step(k, t, rho, x, log_score, x_mid, False, 0)
-            log_score_mid = call(x_mid, rho)
-            x_next = advance(model, trapezoidal_rows, log_score_mid, x_mid, (seed, index, k, rng.STREAM_STAGE), fixed,
-                             t64, rho64, s64, coeffs[k], sampler.mode, final, row_inputs=(log_score, x))
-            yield Step(k, rho, s, x_mid, log_score_mid, x_next, final, 1)
-            x = x_next
-            continue
-        if base == "count":  # move exactly the n_k masked positions that come first in the sample's order
-            still = x == model.vocab_size - 1 if fixed is None else (x == model.vocab_size - 1) & ~fixed
-            n_k = (still.sum(-1) - left[:, k + 1]).clamp_min(0)
-            rank = torch.where(still, order, 2.0).argsort(-1).argsort(-1)
-            hold = ~(still & (rank < n_k[:, None]))
-            x_next = advance(model, step_rows, log_score, x, (seed, index, k), hold if fixed is None else hold | fixed,
-                             t64, s64, "count", coeffs[k], sampler.mode, True)
-        else:
-            x_next = advance(model, step_rows, log_score, x, (seed, index, k), fixed, t64, s64, base, coeffs[k],
-                             sampler.mode, final)
-        yield Step(k, t, s, x, log_score, x_next, final)
-        x = x_next
+        for step in step_fn(run, k, x):
+            yield step
+        x = step.x_next
     if sampler.denoise:
         t = ts[m]
-        with torch.set_grad_enabled(grad):
-            log_score = model.log_score(x, t.to(device=device, dtype=torch.float32).expand(b))
+        log_score = run.call(x, t)
         x_next = advance(model, denoise_rows, log_score, x, (seed, index, m), fixed, t.detach().double().to(device))
         yield Step(m, t, t, x, log_score, x_next, True)
 

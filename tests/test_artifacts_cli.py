@@ -4,17 +4,17 @@ import os
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from lsdtool import artifacts
-from lsdtool.cli import main
+from lsdtool.samplers import Sampler
+from conftest import run_cli
 
 FAST = ["--teacher-steps", "32", "--samples", "8", "--batch", "8", "--iters", "2"]
 
 
 def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+    return run_cli(*args)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,8 @@ def test_distill_prints_path_and_repeat_is_a_cache_hit(artifact):
 
 
 def test_artifact_metadata_is_complete(artifact):
-    sampler, meta = artifacts.load(artifact[0])
+    sampler = Sampler.load(artifact[0])
+    meta = sampler.meta
     for key in artifacts.REQUIRED:
         assert key in meta
     assert meta["format"] == "lsd.sampler" and meta["model"] == "countdown" and meta["plus"] == "true"
@@ -72,7 +73,7 @@ def test_untrained_artifact_samples_like_its_base(tmp_path):
 def test_refit_and_cache_rm(tmp_path):
     args = ["distill", "--model", "countdown", "--steps", "2", "--cache-dir", tmp_path, *FAST]
     first = run(*args).stdout.strip()
-    created = artifacts.load(first)[1]["created"]
+    created = Sampler.load(first).meta["created"]
     assert run(*args, "--refit").stdout.strip() == first
     assert run("cache", "rm", "--cache-dir", tmp_path, first).exit_code == 0
     assert not os.path.exists(first)
@@ -81,7 +82,8 @@ def test_refit_and_cache_rm(tmp_path):
 
 def broken_artifacts(tmp_path, good):
     data = open(good, "rb").read()
-    sampler, meta = artifacts.load(good)
+    sampler = Sampler.load(good)
+    meta = sampler.meta
     cases = {}
     cases["empty"] = tmp_path / "empty.safetensors"
     cases["empty"].write_bytes(b"")
@@ -140,15 +142,15 @@ def test_bad_recipes_name_the_problem(tmp_path, text, needle):
 
 
 def test_interrupted_write_leaves_no_artifact(tmp_path, monkeypatch, artifact):
-    import safetensors.torch
+    from lsdtool import fileio
 
-    sampler, meta = artifacts.load(artifact[0])
+    sampler = Sampler.load(artifact[0])
+    meta = sampler.meta
 
-    def boom(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"partial")
+    def boom(fd):  # the temp file holds the bytes when the process is interrupted before the rename
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(fileio.os, "fsync", boom)
     target = tmp_path / "c" / "x.safetensors"
     with pytest.raises(KeyboardInterrupt):
         artifacts.save(target, sampler, meta)
@@ -169,7 +171,8 @@ def test_distill_and_sample_on_a_sedd_checkpoint_directory(tmp_path, fixture):
             "--batch", "4", "--iters", "3", "--cache-dir", tmp_path)
     assert r.exit_code == 0, r.output
     path = r.stdout.strip().splitlines()[-1]
-    sampler, meta = artifacts.load(path)
+    sampler = Sampler.load(path)
+    meta = sampler.meta
     assert meta["model"] == fixture and meta["graph"] in ("absorb", "uniform") and sampler.steps == 3
     s = run("sample", "--sampler", path, "-n", "3", "--format", "jsonl")
     rows = [json.loads(line) for line in s.stdout.splitlines()]

@@ -3,21 +3,14 @@ import os
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from lsdtool import metrics
-from lsdtool.cli import main
+from conftest import run_cli
 from lsdtool.sharding import launcher_device, parse_shard, shard_from_env, shard_path, shard_range
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 BASE = ["sample", "--model", "countdown", "--steps", "2", "--format", "jsonl"]
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN",
-                 "SLURM_ARRAY_TASK_STEP", "SLURM_PROCID", "SLURM_NTASKS", "LOCAL_RANK")
-NO_LAUNCHER = {k: None for k in LAUNCHER_VARS}  # the test runner itself may run under SLURM
-
-
-def run(*args, env=None):
-    return CliRunner().invoke(main, [str(a) for a in args], env={**NO_LAUNCHER, **(env or {})})
+run = run_cli
 
 
 def ok(*args, env=None):

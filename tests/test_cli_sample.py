@@ -1,13 +1,12 @@
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from lsdtool.cli import main
+from conftest import run_cli
 
 
 def run(*args, **kw):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False, **kw)
+    return run_cli(*args, catch_exceptions=False, **kw)
 
 
 def test_jsonl_is_identical_for_any_batch_size():
@@ -43,7 +42,7 @@ def test_formats_and_output_file(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_without_traceback(args):
-    r = CliRunner().invoke(main, ["sample", *args])
+    r = run_cli("sample", *args)
     assert r.exit_code in (1, 2), r.output
     assert r.stdout == ""
     assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("Error:")

@@ -6,10 +6,9 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from lsdtool import compare, jys
-from lsdtool.cli import main
+from conftest import run_cli
 from lsdtool.diffusion import LogLinear
 from lsdtool.metrics import countdown_errors, generative_perplexity, sequence_nll, unigram_entropy
 
@@ -17,7 +16,7 @@ TINY_RECIPE = 'teacher_steps = 16\nsamples = 8\nbatch = 8\ncandidates = 8\niters
 
 
 def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return run_cli(*args, catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +118,7 @@ def test_plot_is_a_png(tmp_path):
 def test_missing_matplotlib_is_one_line(tmp_path, monkeypatch):
     png = tmp_path / "p.png"
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    r = CliRunner().invoke(main, ["compare", "--model", "countdown", "--steps", "2", "-n", "2", "--plot", str(png)])
+    r = run_cli("compare", "--model", "countdown", "--steps", "2", "-n", "2", "--plot", png)
     assert r.exit_code == 1 and "matplotlib" in r.stderr and "Traceback" not in r.stderr and r.stdout == ""
 
 
@@ -159,7 +158,7 @@ def test_klub_masks_are_nested_and_the_drop_is_positive(countdown):
 
 
 def test_jys_schedules_are_valid_cached_and_reused(countdown, tmp_path, monkeypatch):
-    found = jys.obtain(countdown, [1, 2, 4], cache_dir=tmp_path, n=8, src_steps=16, batch_size=8)
+    found = jys.load_or_search(countdown, [1, 2, 4], cache_dir=tmp_path, n=8, src_steps=16, batch_size=8)
     for steps, (path, sampler) in found.items():
         sampler.check()
         assert path.exists() and sampler.steps == steps and sampler.base == "euler" and (sampler.coeffs == 1).all()
@@ -167,10 +166,10 @@ def test_jys_schedules_are_valid_cached_and_reused(countdown, tmp_path, monkeypa
         assert all(bool((grid - t).abs().min() < 1e-12) for t in sampler.timesteps)  # on the fine grid
     assert torch.equal(found[4][1].timesteps[::2], found[2][1].timesteps)  # hierarchical refinement
     monkeypatch.setattr(jys, "schedules", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
-    again = jys.obtain(countdown, [2, 4], cache_dir=tmp_path, n=8, src_steps=16, batch_size=8)
+    again = jys.load_or_search(countdown, [2, 4], cache_dir=tmp_path, n=8, src_steps=16, batch_size=8)
     assert torch.equal(again[4][1].timesteps, found[4][1].timesteps)
     with pytest.raises(Exception, match="power-of-two"):
-        jys.obtain(countdown, [3], cache_dir=tmp_path, n=8, src_steps=16)
+        jys.load_or_search(countdown, [3], cache_dir=tmp_path, n=8, src_steps=16)
 
 
 def test_jys_reads_token_files(tmp_path):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lsdtool import distill, recipes
+from lsdtool import distillation, recipes
 from lsdtool.metrics import countdown_errors
 from lsdtool.samplers import Sampler, sample
 
@@ -16,31 +16,31 @@ def test_best_path_equals_brute_force():
     k, m = 7, 3
     cost = torch.rand(k, k, generator=g, dtype=torch.float64)
     cost = torch.where(torch.arange(k)[:, None] < torch.arange(k)[None, :], cost, torch.full_like(cost, math.inf))
-    path = distill.best_path(cost, m)
+    path = distillation.best_path(cost, m)
     best = min(itertools.combinations(range(1, k - 1), m - 1),
                key=lambda mid: sum(cost[a, b] for a, b in zip((0, *mid), (*mid, k - 1))))
     assert path == [0, *best, k - 1]
     with pytest.raises(Exception):
-        distill.best_path(cost, k)
+        distillation.best_path(cost, k)
 
 
 def test_grid_from_logits_is_valid_by_construction():
-    uniform = distill.grid_from_logits(torch.zeros(8, dtype=torch.float64))
+    uniform = distillation.grid_from_logits(torch.zeros(8, dtype=torch.float64))
     assert torch.allclose(uniform, torch.linspace(1, 1e-5, 9, dtype=torch.float64), atol=1e-12)
-    wild = distill.grid_from_logits(torch.tensor([30.0, -30.0, 5.0, 0.0], dtype=torch.float64))
+    wild = distillation.grid_from_logits(torch.tensor([30.0, -30.0, 5.0, 0.0], dtype=torch.float64))
     assert (wild[1:] < wild[:-1]).all() and wild[0] == 1 and wild[-1] == 1e-5
 
 
 def test_zero_iterations_is_the_base_sampler(countdown):
     r = recipes.effective("countdown", overrides=dict(SMALL, steps=4, plus=True, iters=0))
-    fit = distill.distill(countdown, r)
+    fit = distillation.distill(countdown, r)
     plain = Sampler.plain(4)
     assert torch.equal(fit.sampler.timesteps, plain.timesteps) and torch.equal(fit.sampler.coeffs, plain.coeffs)
 
 
 def test_teacher_path_plus_beats_euler_on_countdown(countdown):
     r = recipes.effective("countdown", overrides=dict(SMALL, steps=8, plus=True, teacher_steps=128))
-    fit = distill.distill(countdown, r)
+    fit = distillation.distill(countdown, r)
     s = fit.sampler
     s.check()
     assert sum(fit.fit["schedule_loss_after"]) < sum(fit.fit["schedule_loss_before"])
@@ -53,7 +53,7 @@ def test_teacher_path_plus_beats_euler_on_countdown(countdown):
 
 def test_likelihood_coefficient_fit_never_hurts_and_is_recorded(countdown):
     r = recipes.effective("countdown", overrides=dict(SMALL, steps=4, plus=False, mode="temperature"))
-    fit = distill.distill(countdown, r)
+    fit = distillation.distill(countdown, r)
     assert torch.equal(fit.sampler.timesteps, Sampler.plain(4).timesteps)
     assert all(a <= b + 1e-12 for a, b in zip(fit.fit["loss_after"], fit.fit["loss_before"]))
     assert (fit.sampler.coeffs != 1).any() and fit.sampler.mode == "temperature"
@@ -67,7 +67,7 @@ def test_paper_step_loss_optimum_is_the_closed_form():
     log_phi = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([log_phi], lr=0.05)
     for _ in range(400):
-        loss = distill.paper_score_loss(s.log(), target, log_phi.exp(), "score")
+        loss = distillation.paper_score_loss(s.log(), target, log_phi.exp(), "score")
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -77,7 +77,7 @@ def test_paper_step_loss_optimum_is_the_closed_form():
 @pytest.mark.parametrize("plus", [False, True])
 def test_paper_objective_runs_and_keeps_a_valid_grid(countdown, plus):
     r = recipes.effective("countdown", overrides=dict(SMALL, steps=4, plus=plus, objective="paper", iters=4, samples=16, batch=8))
-    fit = distill.distill(countdown, r)
+    fit = distillation.distill(countdown, r)
     fit.sampler.check()
     assert fit.fit["objective"] == "paper" and len(fit.fit["history"]) >= 1
     assert torch.isfinite(fit.sampler.coeffs).all()
@@ -87,9 +87,9 @@ def test_paper_objective_runs_and_keeps_a_valid_grid(countdown, plus):
 
 def test_relaxed_start_changes_ceil_zeta_l_positions(countdown):
     r = recipes.effective("countdown", overrides=dict(SMALL, steps=4, objective="paper", samples=4, batch=4))
-    ro = distill.TeacherRollout(countdown, r, torch.device("cpu"), True)
+    ro = distillation.TeacherRollout(countdown, r, torch.device("cpu"))
     for fill in ("teacher", "uniform"):
-        x = distill._relaxed_start(ro, slice(0, 4), dict(r, fill=fill), 0)
+        x = distillation._relaxed_start(ro, slice(0, 4), dict(r, fill=fill), 0)
         changed = x != 32
         assert (changed.sum(-1) == math.ceil(0.05 * 256)).all()
         if fill == "teacher":
@@ -98,7 +98,7 @@ def test_relaxed_start_changes_ceil_zeta_l_positions(countdown):
 
 def test_candidate_times_match_candidates_when_the_uniform_grid_is_merged_in(countdown):
     r = recipes.effective("countdown", overrides=dict(SMALL, steps=3, samples=4, batch=4, candidates=5, iters=1))
-    ro = distill.TeacherRollout(countdown, r, torch.device("cpu"), True)
+    ro = distillation.TeacherRollout(countdown, r, torch.device("cpu"))
     assert len(ro.candidates) > 6  # 5 candidate intervals plus the 3-step uniform grid's points
     assert torch.equal(ro.times, ro.teacher.timesteps[ro.candidates])
     assert torch.equal(ro.times[ro.uniform_path(3)], ro.teacher.timesteps[torch.tensor([0, 21, 43, 64])])
@@ -106,9 +106,9 @@ def test_candidate_times_match_candidates_when_the_uniform_grid_is_merged_in(cou
 
 def test_a_step_where_the_teacher_moves_nothing_keeps_phi_one(countdown):
     r = recipes.effective("countdown", overrides=dict(SMALL, steps=2, samples=4, batch=4, candidates=8, iters=2))
-    rollout = distill.TeacherRollout(countdown, r, torch.device("cpu"), quiet=True)
+    rollout = distillation.TeacherRollout(countdown, r, torch.device("cpu"))
     kk = len(rollout.candidates)
     rollout.states[kk // 2] = rollout.final  # all revealed by the middle: the second step moves nothing
-    coeffs, before, after = distill.fit_coeffs(rollout, [0, kk // 2, kk - 1], r, quiet=True)
+    coeffs, before, after = distillation.fit_coeffs(rollout, [0, kk // 2, kk - 1], r)
     assert coeffs[1] == 1 and before[1] == after[1] == 0
     assert after[0] <= before[0]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lsdtool import cache, distill, distributed, recipes
+from lsdtool import cache, distillation, distributed, recipes
 from lsdtool.models import load
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -57,8 +57,7 @@ def one_thread():
 def single_process(model_name, overrides, cache_dir):
     """The reference: the same recipe distilled in this process."""
     with one_thread():
-        path, _ = cache.obtain(load(model_name), overrides, cache_dir=cache_dir, quiet=True)
-    return path
+        return cache.load_or_distill(load(model_name), overrides, cache_dir=cache_dir).path
 
 
 def launch_ranks(args, cache_dir, style="torchrun", programs=None):
@@ -134,7 +133,7 @@ def test_timeout_from_env():
 
 @pytest.mark.parametrize("n, batch, size", [(12, 8, 2), (8, 2, 2), (10, 2, 3), (7, 2, 8), (128, 128, 2), (5, 1, 5)])
 def test_rollout_rows_cover_every_trajectory_once(n, batch, size):
-    blocks = [distributed.rollout_rows(n, batch, r, size) for r in range(size)]
+    blocks = [distillation.rollout_rows(n, batch, r, size) for r in range(size)]
     assert [i for b in blocks for i in b] == list(range(n))
     if -(-n // batch) >= size:  # whole batches of the single-process run: the model sees the same rows
         assert all(b.start % batch == 0 for b in blocks if len(b))
@@ -164,13 +163,13 @@ def test_torchrun_countdown_matches_one_process(tmp_path):
 KEEPS_ROLLOUT = textwrap.dedent("""
     import sys
     from safetensors.torch import save_file
-    from lsdtool import distill
+    from lsdtool import distillation
     from lsdtool.cli import main
-    real = distill.fit_teacher_path
+    real = distillation.fit_teacher_path
     def fit(rollout, recipe, quiet):
         save_file({{k: getattr(rollout, k).contiguous() for k in {names!r}}}, {path!r})
         return real(rollout, recipe, quiet)
-    distill.fit_teacher_path = fit
+    distillation.fit_teacher_path = fit
     main(sys.argv[1:], prog_name="lsd")
 """)
 SUMMARIES = ("states", "reveal_step", "reveal_logp")
@@ -188,7 +187,7 @@ def test_srun_sedd_fixture_matches_one_process_and_hits_the_cache(tmp_path):
     assert [code for code, _, _ in ranks] == [0, 0], ranks[0][2] + ranks[1][2]
     sedd = load(model)
     with one_thread():
-        one = distill.TeacherRollout(sedd, recipes.effective(sedd.name, overrides=SEDD), torch.device("cpu"), quiet=True)
+        one = distillation.TeacherRollout(sedd, recipes.effective(sedd.name, overrides=SEDD), torch.device("cpu"))
     gathered = load_file(str(kept))
     assert all(torch.equal(gathered[k], getattr(one, k)) for k in SUMMARIES)  # every trajectory in its place
     path = Path(ranks[0][1].splitlines()[-1])
@@ -203,9 +202,9 @@ def test_srun_sedd_fixture_matches_one_process_and_hits_the_cache(tmp_path):
 
 FAULTY = textwrap.dedent("""
     import os, sys
-    from lsdtool import distill
+    from lsdtool import distillation
     from lsdtool.cli import main
-    real_iterate, real_fit = distill.iterate, distill.fit_teacher_path
+    real_iterate, real_fit = distillation.iterate, distillation.fit_teacher_path
     def iterate(*args, **kw):  # the fault strikes mid-rollout
         for n, step in enumerate(real_iterate(*args, **kw)):
             if n == 3 and {in_rollout}:
@@ -215,7 +214,7 @@ FAULTY = textwrap.dedent("""
         if not {in_rollout}:
             {fault}
         return real_fit(*args, **kw)
-    distill.iterate, distill.fit_teacher_path = iterate, fit
+    distillation.iterate, distillation.fit_teacher_path = iterate, fit
     main(sys.argv[1:], prog_name="lsd")
 """)
 
@@ -223,7 +222,7 @@ FAULTY = textwrap.dedent("""
 @pytest.mark.parametrize("faulty, in_rollout, fault, reason", [
     (1, True, "os._exit(3)", "lost contact with the other ranks while rolling out the teacher"),
     (1, True, "raise MemoryError('out of memory on rank 1')", "rank 1 failed while rolling out the teacher: out of memory on rank 1"),
-    (0, False, "raise distill.LsdError('no room for the fit')", "rank 0 failed to fit the sampler: no room for the fit"),
+    (0, False, "raise distillation.LsdError('no room for the fit')", "rank 0 failed to fit the sampler: no room for the fit"),
 ])
 def test_a_rank_that_fails_stops_the_others_with_one_line_and_no_artifact(tmp_path, faulty, in_rollout, fault, reason):
     args = ["distill", "--model", "countdown", *flags(COUNTDOWN)]

@@ -16,7 +16,8 @@ from lsdtool.diffusion import LogLinear
 from lsdtool.errors import LsdError
 from lsdtool.models import REGISTRY, availability, load
 from lsdtool.models import pretrained
-from lsdtool.models.pretrained import PretrainedModel, cached_locally
+from lsdtool.models.locate import cached_locally
+from lsdtool.models.pretrained import PretrainedModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SHA = "0123456789abcdef0123456789abcdef01234567"

@@ -1,20 +1,15 @@
-"""Model adapters and the registry: ``load(name_or_path)`` returns a :class:`DiffusionModel`."""
+"""Model adapters and loading: ``load(name_or_path)`` returns a :class:`DiffusionModel`.
+
+The registry of names (:mod:`lsdtool.models.registry`) and naming a checkpoint without loading it
+(:mod:`lsdtool.models.locate`) are torch-free; loading imports torch.
+"""
 
 from __future__ import annotations
 
 import os
 
-from lsdtool.errors import LsdError
-
-# Short names users type -> Hugging Face hub ids ("countdown" is embedded and needs no download).
-REGISTRY: dict[str, str | None] = {
-    "countdown": None,
-    "sedd-small": "louaaron/sedd-small",
-    "sedd-medium": "louaaron/sedd-medium",
-    "radd-lambda-dce": "JingyangOu/radd-lambda-dce",
-    "radd-t-dce": "JingyangOu/radd-t-dce",
-    "mdlm-owt": "kuleshov-group/mdlm-owt",
-}
+from lsdtool.models.locate import availability, identify, is_checkpoint_name
+from lsdtool.models.registry import REGISTRY
 
 
 def load(name_or_path: str, device=None, offline: bool | None = None) -> DiffusionModel:
@@ -23,8 +18,8 @@ def load(name_or_path: str, device=None, offline: bool | None = None) -> Diffusi
         from lsdtool.models.countdown import CountdownModel
 
         model = CountdownModel()
-    elif name_or_path in REGISTRY or os.path.isdir(name_or_path) or "/" in name_or_path:
-        from lsdtool.models.pretrained import load_pretrained
+    elif is_checkpoint_name(name_or_path):
+        from lsdtool.models.loading import load_pretrained
 
         model = load_pretrained(name_or_path, offline=offline)
     else:
@@ -32,30 +27,6 @@ def load(name_or_path: str, device=None, offline: bool | None = None) -> Diffusi
     # How to load this model again (an artifact records it, so `lsd sample --sampler` needs no --model).
     model.source = os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
     return model.to(device or "cpu")
-
-
-def availability(name: str) -> tuple[str, bool]:
-    """(source, usable offline now) for a registry name."""
-    hub_id = REGISTRY[name]
-    if hub_id is None:
-        return "embedded", True
-    from lsdtool.models.locate import cached_locally
-
-    return hub_id, cached_locally(hub_id)
-
-
-def identify(name_or_path: str, offline: bool | None = None) -> tuple[str, str]:
-    """(name, fingerprint) of a model without loading it or importing torch."""
-    if name_or_path == "countdown":
-        from lsdtool.models.countdown_id import FINGERPRINT
-
-        return "countdown", FINGERPRINT
-    if name_or_path in REGISTRY or os.path.isdir(name_or_path) or "/" in name_or_path:
-        from lsdtool.models.locate import locate
-
-        found = locate(name_or_path, offline)
-        return found.name, found.fingerprint
-    raise LsdError(f"unknown model {name_or_path!r}: use one of {', '.join(REGISTRY)}, a hub id or a local directory")
 
 
 def __getattr__(name):

@@ -15,7 +15,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lsdtool import fileio
 from lsdtool.errors import LsdError
+from lsdtool.locations import cache_root
+from lsdtool.models.registry import REGISTRY
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -157,10 +160,8 @@ def file_digest(path: Path) -> str:
 
 def weight_digest(path: Path) -> str:
     """file_digest, remembered in the lsd cache per (path, size, mtime)."""
-    from lsdtool.cache import cache_dir
-
     st = path.stat()
-    memo_path = cache_dir() / "digests.json"
+    memo_path = cache_root() / "digests.json"
     ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     try:
         memo = json.loads(memo_path.read_text())
@@ -169,10 +170,7 @@ def weight_digest(path: Path) -> str:
     if ident not in memo:
         memo[ident] = file_digest(path)
         try:
-            memo_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(memo))
-            os.replace(tmp, memo_path)
+            fileio.write_text(memo_path, json.dumps(memo))
         except OSError:
             pass  # a read-only cache only costs a re-hash next time
     return memo[ident]
@@ -180,8 +178,6 @@ def weight_digest(path: Path) -> str:
 
 def locate(name_or_path: str, offline: bool | None = None) -> Located:
     """Resolve a registry name, hub id or local directory to its files, name and fingerprint."""
-    from lsdtool.models import REGISTRY
-
     offline = _env_offline() if offline is None else bool(offline)
     hub_id = None
     if name_or_path in REGISTRY:
@@ -206,3 +202,28 @@ def locate(name_or_path: str, offline: bool | None = None) -> Located:
     else:
         fingerprint = f"{family}:sha256:{weight_digest(weight_path)}"
     return Located(name, config_path, weight_path, fingerprint)
+
+
+def is_checkpoint_name(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` is looked up as a checkpoint: a registry name, a directory or a hub id."""
+    return name_or_path in REGISTRY or os.path.isdir(name_or_path) or "/" in name_or_path
+
+
+def identify(name_or_path: str, offline: bool | None = None) -> tuple[str, str]:
+    """(name, fingerprint) of a model without loading it or importing torch."""
+    if name_or_path == "countdown":
+        from lsdtool.models.countdown_id import FINGERPRINT
+
+        return "countdown", FINGERPRINT
+    if is_checkpoint_name(name_or_path):
+        found = locate(name_or_path, offline)
+        return found.name, found.fingerprint
+    raise LsdError(f"unknown model {name_or_path!r}: use one of {', '.join(REGISTRY)}, a hub id or a local directory")
+
+
+def availability(name: str) -> tuple[str, bool]:
+    """(source, usable offline now) for a registry name."""
+    hub_id = REGISTRY[name]
+    if hub_id is None:
+        return "embedded", True
+    return hub_id, cached_locally(hub_id)

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lsdtool import rng
+from lsdtool import recipes, rng
 from lsdtool.errors import LsdError
+from lsdtool.sharding import shard_range
 from lsdtool.samplers import DEFAULT_EPS, Sampler, iterate, step_rows, uniform_grid
 from lsdtool.diffusion import make_graph
 
@@ -37,13 +38,13 @@ class FitResult:
     fit: dict
 
 
-def distill(model, recipe: dict, device=None, quiet: bool = False, world=None) -> FitResult | None:
+def distill(model, recipe: dict, device=None, world=None) -> FitResult | None:
     """Fit a ``recipe['steps']``-step sampler for ``model``; returns the sampler and a fit report.
-
-    With a :class:`lsdtool.distributed.World` every rank rolls out its block of the trajectories and
-    rank 0 fits on all of them; the other ranks return None."""
+    Keys the recipe leaves out take their defaults. With a :class:`lsdtool.distributed.World` every
+    rank rolls out its block of the trajectories and rank 0 fits on all of them; the other ranks return None."""
     from lsdtool.generation import pick_device
 
+    recipe = recipes.complete(recipe)
     dev = pick_device(device)
     if recipe["objective"] == "paper" and model.graph != "absorb":
         raise LsdError("the paper objective is implemented for absorbing models; use objective = \"teacher-path\"")
@@ -55,11 +56,11 @@ def distill(model, recipe: dict, device=None, quiet: bool = False, world=None) -
             return None
         return FitResult(Sampler.plain(recipe["steps"], recipe["base"], recipe["mode"]), {"iterations": 0, "objective": recipe["objective"]})
     paper = recipe["objective"] == "paper"
-    rollout = TeacherRollout(model, recipe, dev, quiet, collect_mass=paper and recipe["plus"], world=world)
+    rollout = TeacherRollout(model, recipe, dev, collect_mass=paper and recipe["plus"], world=world)
     if world is not None and world.rank != 0:
         return None
     rolled = time.time()
-    fit = fit_teacher_path(rollout, recipe, quiet) if recipe["objective"] == "teacher-path" else fit_paper(rollout, recipe, quiet)
+    fit = fit_teacher_path(rollout, recipe) if recipe["objective"] == "teacher-path" else fit_paper(rollout, recipe)
     fit.fit.update({"objective": recipe["objective"], "seconds": round(time.time() - start, 2), "device": str(dev),
                     "teacher_steps": rollout.n_steps, "samples": rollout.n_samples,
                     "rollout_seconds": round(rolled - start, 2), "ranks": world.size if world is not None else 1})
@@ -75,7 +76,7 @@ class TeacherRollout:
     revealed and the teacher's log-probability of the revealed token at that moment.
     """
 
-    def __init__(self, model, recipe: dict, device, quiet: bool, collect_mass: bool = False, world=None):
+    def __init__(self, model, recipe: dict, device, collect_mass: bool = False, world=None):
         self.model, self.device = model, device
         self.n_steps = recipe["teacher_steps"]
         self.n_samples = recipe["samples"]
@@ -172,10 +173,8 @@ class TeacherRollout:
                 self.states[-1, local] = step.x_next.cpu()
 
     def _run_distributed(self, world, batch: int, collect_mass: bool):
-        """This rank's block of :func:`lsdtool.distributed.rollout_rows`, then every block gathered on
+        """This rank's block of :func:`rollout_rows`, then every block gathered on
         rank 0 in index order: the same tensors a single process computes."""
-        from lsdtool.distributed import rollout_rows
-
         blocks = [rollout_rows(self.n_samples, batch, r, world.size) for r in range(world.size)]
         mine = blocks[world.rank]
 
@@ -190,6 +189,17 @@ class TeacherRollout:
             whole = world.gather_rows(getattr(self, name), dim, counts)
             if world.rank == 0:
                 setattr(self, name, whole)
+
+
+def rollout_rows(n: int, batch: int, rank: int, size: int) -> range:
+    """The global trajectory indices rank ``rank`` of ``size`` rolls out: whole batches of the
+    single-process run when there are at least as many batches as ranks (so every model call sees the
+    same rows as in one process), else an even split of 0..n-1."""
+    batches = -(-n // batch)
+    if batches < size:
+        return shard_range(n, rank, size)
+    block = shard_range(batches, rank, size)
+    return range(block.start * batch, min(n, block.stop * batch))
 
 
 def _token_logp(log_score, tokens, rows):
@@ -278,7 +288,7 @@ def interval_nll(rollout: TeacherRollout, a: int, b: int, coeff: torch.Tensor, r
     return -torch.log(probs.gather(-1, target[:, None]).clamp_min(1e-300)).sum().cpu()
 
 
-def fit_coeffs(rollout: TeacherRollout, path: list[int], recipe: dict, quiet: bool) -> tuple[torch.Tensor, list, list]:
+def fit_coeffs(rollout: TeacherRollout, path: list[int], recipe: dict) -> tuple[torch.Tensor, list, list]:
     """Phi_k = argmax of the teacher's interval likelihood, per step (each Phi_k only enters its own
     term, so steps are fitted independently): full-batch L-BFGS on log Phi, ``iters`` iterations at
     most. Returns Phi (M,), NLL per sample before (Phi = 1) and after."""
@@ -319,7 +329,7 @@ def fit_coeffs(rollout: TeacherRollout, path: list[int], recipe: dict, quiet: bo
     return torch.stack(coeffs), before, after
 
 
-def fit_teacher_path(rollout: TeacherRollout, recipe: dict, quiet: bool) -> FitResult:
+def fit_teacher_path(rollout: TeacherRollout, recipe: dict) -> FitResult:
     steps, batch = recipe["steps"], recipe["batch"]
     uniform = rollout.uniform_path(steps)
     fit: dict = {}
@@ -329,7 +339,7 @@ def fit_teacher_path(rollout: TeacherRollout, recipe: dict, quiet: bool) -> FitR
         path = best_path(cost, steps)
         per = lambda p: [float(cost[p[i], p[i + 1]]) / rollout.n_samples for i in range(steps)]  # noqa: E731
         fit["schedule_loss_before"], fit["schedule_loss_after"] = per(uniform), per(path)
-    coeffs, before, after = fit_coeffs(rollout, path, recipe, quiet)
+    coeffs, before, after = fit_coeffs(rollout, path, recipe)
     timesteps = rollout.times[path].clone() if recipe["plus"] else uniform_grid(steps)
     sampler = Sampler(timesteps, coeffs.double(), recipe["base"], recipe["mode"])
     if recipe["plus"]:
@@ -374,7 +384,7 @@ def paper_score_loss(log_score: torch.Tensor, target: torch.Tensor, phi: torch.T
     return ((student - target) ** 2).mean() / (target**2).mean().clamp_min(1e-30)
 
 
-def fit_paper(rollout: TeacherRollout, recipe: dict, quiet: bool) -> FitResult:
+def fit_paper(rollout: TeacherRollout, recipe: dict) -> FitResult:
     """Adam on log Phi (and kappa logits for LSD+) against the paper's per-step losses."""
     from lsdtool.console import progress
 

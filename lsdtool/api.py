@@ -1,0 +1,131 @@
+"""The Python API: load a model, distil a sampler (cached like ``lsd distill``), draw samples
+(identical to ``lsd sample``). The command line is a client of these functions.
+
+Nothing here prints: progress goes to an optional ``progress(description, completed, total)``
+callback, notes to an optional ``log(message)`` callback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from lsdtool import conditioning, console, recipes
+from lsdtool.errors import LsdError
+from lsdtool.samplers import Sampler
+
+Progress = Callable[[str, float, float], None]
+
+
+def load_model(name_or_path: str, device=None, offline: bool | None = None):
+    """A model by registry name, hub id or local directory, on ``device`` (None or "auto": CUDA when present)."""
+    from lsdtool import generation, models
+
+    return models.load(name_or_path, device=generation.pick_device(device), offline=offline)
+
+
+def distill(model, steps: int | None = None, plus: bool | None = None, *, cache: bool = True, cache_dir=None,
+            recipe: str | Path | dict | None = None, refit: bool = False, device=None, progress: Progress | None = None,
+            log: Callable[[str], None] | None = None, **recipe_keys) -> Sampler:
+    """Distil an LSD (``plus``: LSD+) sampler with ``steps`` steps for ``model``; any recipe key is a keyword
+    (``objective=``, ``teacher_steps=``, ...). Effective recipe: defaults <- the model's shipped recipe (or
+    ``recipe``: a TOML file or a dict) <- keywords, exactly as ``lsd distill``. With ``cache`` the artifact is
+    looked up in (and written to) the same cache file as ``lsd distill`` uses; the returned sampler carries
+    ``.path`` (None without cache), ``.fit`` (the fit report) and ``.meta``."""
+    from lsdtool import artifacts, generation
+    from lsdtool import cache as artifact_cache
+    from lsdtool import distillation
+
+    overrides = {"steps": steps, "plus": plus, **recipe_keys}
+    recipe_file, recipe_dict = (None, recipe) if isinstance(recipe, dict) else (recipe, None)
+    dev = generation.pick_device(device) if device is not None else getattr(model, "device", None)
+    with console.reporting(progress):
+        if cache:
+            return artifact_cache.load_or_distill(model, overrides, cache_dir=cache_dir, refit=refit, device=dev,
+                                                  recipe_file=recipe_file, recipe=recipe_dict, log=log)
+        if recipe_dict is not None:
+            overrides = {**recipe_dict, **{k: v for k, v in overrides.items() if v is not None}}
+        effective = recipes.effective(model.name, recipe_file, overrides)
+        result = distillation.distill(model, effective, device=dev)
+    sampler = result.sampler
+    sampler.meta = artifacts.metadata(model, sampler, effective, recipes.to_toml(effective), result.fit)
+    return sampler
+
+
+def load_artifact(path: str | Path, model_name: str | None = None, device=None, offline: bool | None = None,
+                  force: bool = False):
+    """(model, sampler) of an artifact: the model it names (or ``model_name``), loaded on ``device``, and the
+    sampler checked to fit it (``force`` accepts one distilled for another model of the same graph)."""
+    sampler = Sampler.load(path)
+    source = model_name or sampler.meta.get("model_source") or sampler.meta.get("model")
+    if not source:
+        raise LsdError(f"{path} is a plain sampler that names no model; say which model to use (--model)")
+    model = load_model(source, device=device, offline=offline)
+    return model, Sampler.load(path, model=model, force=force)
+
+
+def conditions(model, prefix: str | None = None, suffix: str | None = None, input: str | Path | None = None):
+    """The fixed tokens of ``--prefix``/``--suffix`` (every sample) or ``--input`` (jsonl, line k for sample k),
+    as a :class:`lsdtool.conditioning.Conditions`, or None when nothing is fixed."""
+    if input is not None and (prefix is not None or suffix is not None):
+        raise ValueError("give input, or prefix/suffix, not both")
+    if input is not None:
+        return conditioning.read_input(model, str(input))
+    return conditioning.from_text(model, prefix, suffix)
+
+
+def sample_count(n: int | None, fixed, input=None) -> int:
+    """How many samples to draw: ``n``, by default 16 or one per line of ``input`` (never more than it has)."""
+    if n is None:
+        return len(fixed) if input is not None else 16
+    if n < 0:
+        raise ValueError(f"n must not be negative, got {n}")
+    if input is not None and n > len(fixed):
+        raise ValueError(f"-n {n} asks for more samples than {input} has lines ({len(fixed)})")
+    return n
+
+
+def sample_batches(model, sampler: Sampler, indices, seed: int = 0, *, batch_size: int = 64, device=None,
+                   conditions=None, progress: Progress | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (global sample ids, tokens (b, L) LongTensor on CPU) batch by batch for the sample ids ``indices``
+    (an int n means 0..n-1): memory stays bounded by ``batch_size`` however many samples are drawn. Sample i
+    depends only on (sampler, seed, i), never on the batching. ``conditions``: see :func:`conditions`."""
+    from lsdtool import generation
+
+    indices = list(range(indices)) if isinstance(indices, int) else [int(i) for i in indices]
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if conditions is not None and len(conditions) > 1 and indices and max(indices) >= len(conditions):
+        raise ValueError(f"sample {max(indices)} asked for, but the input has {len(conditions)} lines")
+    dev = torch.device(device) if device is not None else getattr(model, "device", torch.device("cpu"))
+    if device is not None and dev != getattr(model, "device", None):
+        model.to(dev)
+    total, done = len(indices) * sampler.nfe, 0
+
+    def on_step(step):
+        nonlocal done
+        done += step.x.shape[0]
+        if progress is not None:
+            progress("sampling", done, total)
+
+    yield from generation.batches(model, sampler, indices, seed, batch_size, dev, on_step, conditions)
+
+
+def sample(model, sampler: Sampler, n: int | None = None, seed: int = 0, *, batch_size: int = 64, device=None,
+           prefix: str | None = None, suffix: str | None = None, input: str | Path | None = None,
+           progress: Progress | None = None) -> torch.LongTensor:
+    """Samples 0..n-1 as an (n, L) LongTensor on CPU, identical to ``lsd sample ... -n n --seed seed``.
+    ``sampler`` is a :class:`Sampler` (``Sampler.plain(8)``, ``Sampler.load(path)``, :func:`distill`) or an
+    artifact path; ``n`` defaults to 16, or one per line of ``input``."""
+    if isinstance(sampler, (str, Path)):
+        sampler = Sampler.load(sampler, model=model)
+    fixed = conditions(model, prefix, suffix, input)
+    n = sample_count(n, fixed, input)
+    out = [x for _, x in sample_batches(model, sampler, n, seed, batch_size=batch_size, device=device,
+                                        conditions=fixed, progress=progress)]
+    return torch.cat(out) if out else torch.empty(0, model.seq_len, dtype=torch.long)
+
+
+__all__ = ["Sampler", "conditions", "distill", "load_artifact", "load_model", "sample", "sample_batches"]

@@ -1,0 +1,68 @@
+"""Loading a checkpoint into its adapter, from the hub cache or a local directory.
+
+A model is a directory holding ``config.json`` and one weight file (``model.safetensors`` or
+``pytorch_model.bin``). Hub ids resolve through the Hugging Face cache, never running remote code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lsdtool.errors import LsdError
+from lsdtool.models.base import DiffusionModel
+from lsdtool.models.ddit import freeze, load_weights
+from lsdtool.models.locate import family_name, first_line, locate, read_config
+from lsdtool.models.pretrained import PretrainedModel
+
+
+# --- reading a checkpoint ----------------------------------------------------------------------
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A flat state dict from safetensors or a weights-only torch pickle; LsdError naming the file otherwise."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LsdError(f"cannot load {path}: truncated, corrupt or not only tensors ({first_line(e)})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise LsdError(f"{path} does not hold a flat dictionary of named tensors")
+    return state
+
+
+def family_of(config: dict, path: Path) -> type[PretrainedModel]:
+    """The adapter class for a config (see :func:`locate.family_name`)."""
+    from lsdtool.models.mdlm import MDLM
+    from lsdtool.models.radd import RADD
+    from lsdtool.models.sedd import SEDD
+
+    return {"mdlm": MDLM, "sedd": SEDD, "radd": RADD}[family_name(config, path)]
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def load_pretrained(name_or_path: str, offline: bool | None = None) -> DiffusionModel:
+    """A SEDD, RADD or MDLM adapter from a registry short name, a hub id or a local directory (on CPU)."""
+    found = locate(name_or_path, offline)
+    config = read_config(found.config_path)
+    cls = family_of(config, found.config_path)
+    with torch.device("meta"):  # parameters are assigned from the checkpoint, never initialised
+        try:
+            model = cls(config, name=found.name, fingerprint=found.fingerprint)
+        except (KeyError, TypeError, ValueError) as e:
+            why = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) else first_line(e)
+            raise LsdError(f"{found.config_path} is not a valid {cls.family.upper()} config: {why}") from None
+    state = read_weights(found.weight_path)
+    prefix = cls.weight_prefix
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    load_weights(model.net, state, str(found.weight_path))
+    freeze(model.net)
+    return model

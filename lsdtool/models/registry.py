@@ -1,0 +1,14 @@
+"""The model registry: short names users type -> Hugging Face hub ids (torch-free data, no loading)."""
+
+from __future__ import annotations
+
+# "countdown" is embedded in the package and needs no download (hub id None).
+REGISTRY: dict[str, str | None] = {
+    "countdown": None,
+    "sedd-small": "louaaron/sedd-small",
+    "sedd-medium": "louaaron/sedd-medium",
+    "radd-lambda-dce": "JingyangOu/radd-lambda-dce",
+    "radd-t-dce": "JingyangOu/radd-t-dce",
+    "mdlm-owt": "kuleshov-group/mdlm-owt",
+}
+
