@@ -166,9 +166,9 @@ KEEPS_ROLLOUT = textwrap.dedent("""
     from lsdtool import distillation
     from lsdtool.cli import main
     real = distillation.fit_teacher_path
-    def fit(rollout, recipe, quiet):
+    def fit(rollout, recipe):
         save_file({{k: getattr(rollout, k).contiguous() for k in {names!r}}}, {path!r})
-        return real(rollout, recipe, quiet)
+        return real(rollout, recipe)
     distillation.fit_teacher_path = fit
     main(sys.argv[1:], prog_name="lsd")
 """)
