@@ -94,11 +94,15 @@ def sample_batches(model, sampler: Sampler, indices, seed: int = 0, *, batch_siz
     depends only on (sampler, seed, i), never on the batching. ``conditions``: see :func:`conditions`."""
     from lsdtool import generation
 
-    indices = list(range(indices)) if isinstance(indices, int) else [int(i) for i in indices]
+    if isinstance(indices, int):
+        indices = range(indices)
+    elif not isinstance(indices, range):  # a range stays one: never n index objects in memory
+        indices = [int(i) for i in indices]
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if conditions is not None and len(conditions) > 1 and indices and max(indices) >= len(conditions):
-        raise ValueError(f"sample {max(indices)} asked for, but the input has {len(conditions)} lines")
+    top = (max(indices[0], indices[-1]) if isinstance(indices, range) else max(indices)) if len(indices) else -1
+    if conditions is not None and len(conditions) > 1 and top >= len(conditions):
+        raise ValueError(f"sample {top} asked for, but the input has {len(conditions)} lines")
     dev = torch.device(device) if device is not None else getattr(model, "device", torch.device("cpu"))
     if device is not None and dev != getattr(model, "device", None):
         model.to(dev)

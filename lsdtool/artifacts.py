@@ -12,11 +12,12 @@ names a model only when the sampler was made for one (a plain sampler names none
 from __future__ import annotations
 
 import json
+import os
 import struct
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lsdtool import fileio, steprules
+from lsdtool import errors, fileio, steprules
 from lsdtool.errors import LsdError
 from lsdtool.grids import grid_problem
 
@@ -72,6 +73,45 @@ def save(path: str | Path, sampler, meta: dict | None = None) -> Path:
     return fileio.write_bytes(path, save(tensors, metadata=describe(sampler, meta)))
 
 
+MAX_HEADER = 1 << 24  # bytes; an artifact's header (metadata, recipe, fit record) is a few KiB
+
+
+def _read_parts(path: Path) -> tuple[dict, dict[str, list[float]]]:
+    """(header, {tensor: values}) read by seeking: the 8-byte length, the header, the two vectors.
+    Sizes are checked before anything is read, so memory stays small whatever the file's size."""
+    from lsdtool.bounds import STEPS_LIMIT
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise ValueError(f"{size} bytes is shorter than a safetensors header")
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        if header_size > size - 8:
+            raise ValueError("header runs past the end of the file")
+        if header_size > MAX_HEADER:
+            raise ValueError(f"a header of {header_size} bytes is more than an artifact's {MAX_HEADER}")
+        header = json.loads(f.read(header_size))
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+        values = {}
+        for name in ("timesteps", "coeffs"):
+            entry = header.get(name)
+            if entry is None:
+                continue
+            try:
+                begin, end = entry["data_offsets"]
+                (n,) = entry["shape"]
+                ok = (entry["dtype"] == "F64" and isinstance(n, int) and 1 <= n <= STEPS_LIMIT + 1 and 0 <= begin
+                      and end - begin == 8 * n and 8 + header_size + end <= size)
+            except (KeyError, TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise LsdError(f"{path}: tensor {name} is not a float64 vector of at most {STEPS_LIMIT + 1} values inside the file")
+            f.seek(8 + header_size + begin)
+            values[name] = list(struct.unpack(f"<{n}d", f.read(8 * n)))
+    return header, values
+
+
 def read(path: str | Path) -> tuple[dict[str, str], list[float], list[float]]:
     """Metadata, timesteps and coeffs of an artifact, read and validated in pure Python (no torch):
     a cache hit is answered from this alone. Every problem is one LsdError naming the file."""
@@ -81,46 +121,29 @@ def read(path: str | Path) -> tuple[dict[str, str], list[float], list[float]]:
     if path.is_dir():
         raise LsdError(f"sampler artifact {path} is a directory, not a .safetensors file")
     try:
-        raw = path.read_bytes()
+        header, values = _read_parts(path)
     except OSError as exc:
-        raise LsdError(f"cannot read sampler artifact {path} ({exc.strerror})") from None
-    try:
-        (size,) = struct.unpack("<Q", raw[:8])
-        if size > len(raw) - 8:
-            raise ValueError("header runs past the end of the file")
-        header = json.loads(raw[8 : 8 + size])
-        if not isinstance(header, dict):
-            raise ValueError("header is not an object")
-    except (struct.error, ValueError, UnicodeDecodeError) as exc:
-        raise LsdError(f"{path} is not a readable safetensors file ({exc})") from None
+        raise LsdError(f"cannot read sampler artifact {path} ({errors.describe(exc)})") from None
+    except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise LsdError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise LsdError(f"{path} is not an lsd sampler artifact (its metadata is not an object)")
     if meta.get("format") != FORMAT:
-        raise LsdError(f"{path} is not an lsd sampler artifact (format {meta.get('format')!r})")
+        raise LsdError(f"{path} is not an lsd sampler artifact (format {str(meta.get('format'))[:40]!r})")
     version = meta.get("format_version")
     if version not in READABLE_VERSIONS:
-        raise LsdError(f"{path} has format_version {version!r}; this lsd reads {', '.join(READABLE_VERSIONS)}")
+        raise LsdError(f"{path} has format_version {str(version)[:40]!r}; this lsd reads {', '.join(READABLE_VERSIONS)}")
     required = REQUIRED_V1 if version == "1" else REQUIRED
-    missing = [k for k in required if k not in meta] + [k for k in ("timesteps", "coeffs") if k not in header]
+    missing = [k for k in required if k not in meta] + [k for k in ("timesteps", "coeffs") if k not in values]
     if version != "1" and any(k in meta for k in MODEL_FIELDS):
         missing += [k for k in MODEL_FIELDS if k not in meta]
     if missing:
         raise LsdError(f"{path} lacks {', '.join(missing)}")
-    values = {}
-    for name in ("timesteps", "coeffs"):
-        entry = header[name]
-        try:
-            begin, end = entry["data_offsets"]
-            (n,) = entry["shape"]
-            ok = entry["dtype"] == "F64" and end - begin == 8 * n and 8 + size + end <= len(raw)
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise LsdError(f"{path}: tensor {name} is not a float64 vector inside the file")
-        values[name] = list(struct.unpack(f"<{n}d", raw[8 + size + begin : 8 + size + end]))
     try:
         json.loads(meta.get("fit", "{}"))
         steps = int(meta["steps"])
-    except ValueError:
+    except (TypeError, ValueError):
         raise LsdError(f"{path} has malformed metadata (steps or fit)") from None
     if meta.get("denoise", "false") not in ("true", "false"):
         raise LsdError(f"{path} has malformed metadata (denoise is {meta['denoise']!r}, not true or false)")

@@ -81,7 +81,9 @@ def load_or_distill(model, overrides: dict | None = None, *, cache_dir=None, ref
 
 
 def entries(root: Path) -> list[dict]:
-    """Every artifact under the cache root with its main metadata; unreadable files are listed as such."""
+    """Every artifact under the cache root with its main metadata; unreadable files are listed as such,
+    and so are temp files (``"temp": true``), with ``"stale": true`` where no process is writing them
+    any more (an interrupted write: :func:`prune` removes those)."""
     rows = []
     for path in sorted(root.rglob("*.safetensors")) if root.exists() else []:
         try:
@@ -92,13 +94,26 @@ def entries(root: Path) -> list[dict]:
                          "bytes": path.stat().st_size})
         except LsdError as exc:
             rows.append({"path": str(path), "error": str(exc)})
+    for path in temp_files(root):
+        rows.append({"path": str(path), "temp": True, "stale": not fileio.in_use(path), "bytes": path.stat().st_size})
     return rows
+
+
+def temp_files(root: Path) -> list[Path]:
+    """Temp files under the cache root (see :func:`lsdtool.fileio.is_temp`), stale or still being written."""
+    return sorted(p for p in root.rglob(f"*{fileio.TEMP_SUFFIX}") if fileio.is_temp(p)) if root.exists() else []
+
+
+def prune(root: Path) -> list[Path]:
+    """Remove the temp files under the cache root that no running lsd is still writing; the removed paths."""
+    return [p for p in temp_files(root) if fileio.remove_if_stale(p)]
 
 
 def remove(paths, root: Path, remove_all: bool = False) -> list[Path]:
     """Delete cached artifacts (``paths``, or every one with ``remove_all``), all checked before any is removed:
-    each must be a file inside the cache ``root``. Returns the removed paths."""
+    each must be a file inside the cache ``root``; ``remove_all`` also prunes stale temp files. Returns the removed paths."""
     root = Path(root).resolve()
+    pruned = prune(root) if remove_all else []
     targets = sorted(root.rglob("*.safetensors")) if remove_all else [Path(p) for p in paths]
     for p in targets:
         if root not in p.resolve().parents:
@@ -107,7 +122,7 @@ def remove(paths, root: Path, remove_all: bool = False) -> list[Path]:
             raise LsdError(f"{p} is not a cached artifact")
     for p in targets:
         p.unlink()
-    return targets
+    return pruned + targets
 
 
 def record_path(folder: str, stem: str, key_src: dict, root: Path) -> Path:

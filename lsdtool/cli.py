@@ -7,37 +7,38 @@ import sys
 
 import click
 
-from lsdtool import steprules
+from lsdtool import bounds, steprules
 from lsdtool.grids import MODES
 
 
 class LsdGroup(click.Group):
-    """Turns expected failures into one line on stderr and exit 1; Ctrl-C into exit 130."""
+    """Turns expected failures into one line on stderr and exit 1; Ctrl-C into exit 130, SIGTERM
+    into exit 143 (both after cleaning up temp files); a closed stdout pipe into a quiet exit 0."""
 
     def invoke(self, ctx):
-        from lsdtool.errors import LsdError
+        from lsdtool import faults
+        from lsdtool.errors import LsdError, describe
 
         try:
-            return super().invoke(ctx)
-        except (LsdError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            with faults.terminate_as_exception():
+                return super().invoke(ctx)
+        except BrokenPipeError:  # the reader (e.g. `| head`) has what it wanted; 0 keeps `set -o pipefail` scripts going
+            faults.silence_stdout()
+            ctx.exit(0)
+        except OSError as exc:  # disk full, quota, read-only, permissions, ...
+            raise click.ClickException(describe(exc)) from None
+        except (LsdError, ValueError) as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-        except OSError as exc:  # disk full, read-only cache, ...
-            raise click.ClickException(f"{exc.strerror or exc} ({exc.filename or 'I/O error'})") from None
+        except (MemoryError, RuntimeError) as exc:
+            if not faults.out_of_memory(exc):
+                raise
+            raise click.ClickException(faults.out_of_memory(exc)) from None
+        except faults.Terminated:
+            click.echo("terminated", err=True)
+            ctx.exit(143)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
-
-
-def positive(ctx, param, value):
-    if value is not None and value <= 0:
-        raise click.BadParameter("must be at least 1")
-    return value
-
-
-def non_negative(ctx, param, value):
-    if value is not None and value < 0:
-        raise click.BadParameter("must not be negative")
-    return value
 
 
 @click.group(cls=LsdGroup, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "LSD"})
@@ -53,15 +54,16 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 @main.command()
 @click.option("--model", "model_name", help="Model: registry name, hub id or local directory.")
 @click.option("--sampler", "sampler_path", type=click.Path(dir_okay=True), help="Distilled sampler artifact (.safetensors); it names the model.")
-@click.option("--steps", type=int, callback=positive, help="Number of steps of a plain sampler.")
+@click.option("--steps", type=int, callback=bounds.steps_range, help="Number of steps of a plain sampler.")
 @click.option("--base", type=click.Choice(steprules.NAMES), default="euler", show_default=True, help="Step rule.")
 @click.option("--denoise", is_flag=True, help="Add SEDD's final denoise step (one more NFE).")
-@click.option("-n", "num", type=int, callback=non_negative, help="Number of samples  [default: 16, or one per --input line]")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True, callback=positive)
+@click.option("-n", "num", type=int, callback=bounds.count_range, help="Number of samples  [default: 16, or one per --input line]")
+@click.option("--seed", type=int, default=0, show_default=True, callback=bounds.seed_range, help="0..2**64-1.")
+@click.option("--batch-size", type=int, default=64, show_default=True, callback=bounds.batch_range)
 @click.option("--format", "fmt", type=click.Choice(["text", "jsonl", "tokens"]), default="text", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write samples here instead of stdout.")
-@click.option("--force", is_flag=True, help="Use an artifact even if it was distilled for another model.")
+@click.option("--force", is_flag=True, help="Override a safety refusal: use an artifact distilled for another model; "
+              "replace a non-empty -o FILE.")
 @click.option("--shard", "shard_spec", metavar="I/N", help="Draw only block I of N of the indices 0..n-1 (default: from RANK/WORLD_SIZE or SLURM).")
 @click.option("--resume", is_flag=True, help="Keep the complete samples already in -o FILE (jsonl) and draw the rest.")
 @click.option("--prefix", help="Text every sample starts with (kept fixed).")
@@ -72,7 +74,7 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size, fmt, output, force, shard_spec,
            resume, prefix, suffix, input_path, device, offline):
     """Draw samples; one per line on stdout (or -o FILE)."""
-    from lsdtool import api, console, generation, sharding
+    from lsdtool import api, console, generation, merge, sharding
     from lsdtool.samplers import Sampler
 
     shard, num_shards = sharding.parse_shard(shard_spec) if shard_spec else sharding.shard_from_env(os.environ) or (0, 1)
@@ -80,6 +82,9 @@ def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size
         raise ValueError("--resume needs -o FILE and --format jsonl")
     if input_path and (prefix is not None or suffix is not None):
         raise ValueError("give --input, or --prefix/--suffix, not both")
+    path = sharding.shard_path(output, shard, num_shards) if output else None
+    if path:
+        merge.check_output(path, resume, force, input_path)
     dev = generation.pick_device(sharding.launcher_device(device, os.environ))
     if sampler_path:
         model, sampler = api.load_artifact(sampler_path, model_name, device=dev, offline=offline, force=force)
@@ -90,34 +95,31 @@ def sample(model_name, sampler_path, steps, base, denoise, num, seed, batch_size
         sampler = Sampler.plain(steps, base=base, denoise=denoise)
     conditions = api.conditions(model, prefix, suffix, input_path)
     num = api.sample_count(num, conditions, input_path)
-    indices = list(sharding.shard_range(num, shard, num_shards))
+    indices = sharding.shard_range(num, shard, num_shards)
     if num_shards > 1:
         block = f"indices {indices[0]}..{indices[-1]}" if indices else "no indices"
         console.log(f"shard {shard}/{num_shards}: {block} of {num}")
-    path = sharding.shard_path(output, shard, num_shards) if output else None
-    _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, path, conditions, resume)
+    _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, path, conditions, resume, force)
 
 
-def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output, conditions=None, resume=False):
+def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output, conditions=None, resume=False, force=False):
+    import contextlib
+
     from lsdtool import api, conditioning, console, generation, merge
 
     extra = generation.provenance(model, sampler, seed)
-    done = merge.resume(output, indices, extra) if resume else 0
-    if done:
-        console.log(f"resuming {output}: {done} of {len(indices)} samples already there")
-    out = open(output, "a" if resume else "w", encoding="utf-8") if output else sys.stdout
-    try:
+    opened = merge.open_output(output, indices, extra, resume, force) if output else contextlib.nullcontext((sys.stdout.buffer, 0))
+    with opened as (out, done):
+        if done:
+            console.log(f"resuming {output}: {done} of {len(indices)} samples already there")
         with console.Bars() as bars:
             for chunk, x in api.sample_batches(model, sampler, indices[done:], seed, batch_size=batch_size, device=dev,
                                                conditions=conditions, progress=bars):
                 given = conditions.given(chunk) if conditions is not None else None
                 for k, (i, row) in enumerate(zip(chunk, x)):
                     fields = extra if given is None else {**extra, "given": conditioning.spans(given[k])}
-                    out.write(generation.record(model, i, row, fmt, fields) + "\n")
+                    out.write((generation.record(model, i, row, fmt, fields) + "\n").encode("utf-8"))
                 out.flush()
-    finally:
-        if output:
-            out.close()
 
 
 @main.command("models")
@@ -165,17 +167,17 @@ cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False),
 
 @main.command()
 @click.option("--model", "model_name", required=True, help="Model: registry name, hub id or local directory.")
-@click.option("--steps", type=int, callback=positive, help="Student steps M.")
+@click.option("--steps", type=int, callback=bounds.steps_range, help="Student steps M.")
 @click.option("--plus/--no-plus", default=None, help="LSD+: also learn the time schedule.")
 @click.option("--base", type=click.Choice(steprules.DISTILLABLE), default=None, help="Step rule.")
 @click.option("--mode", type=click.Choice(MODES), default=None, help="What Phi multiplies.")
 @click.option("--objective", type=click.Choice(["teacher-path", "paper"]), default=None)
-@click.option("--teacher-steps", type=int, callback=positive, help="Teacher steps N.")
-@click.option("--samples", type=int, callback=positive, help="Teacher trajectories.")
-@click.option("--iters", type=int, callback=non_negative, help="Optimiser iterations (0: untrained).")
-@click.option("--batch", type=int, callback=positive, help="Trajectories per batch.")
-@click.option("--lr", type=float, help="Learning rate.")
-@click.option("--seed", type=int, help="Seed of the teacher trajectories.")
+@click.option("--teacher-steps", type=int, callback=bounds.steps_range, help="Teacher steps N.")
+@click.option("--samples", type=int, callback=bounds.in_range(1, bounds.INDEX_LIMIT), help="Teacher trajectories.")
+@click.option("--iters", type=int, callback=bounds.in_range(0, bounds.ITERS_LIMIT), help="Optimiser iterations (0: untrained).")
+@click.option("--batch", type=int, callback=bounds.batch_range, help="Trajectories per batch.")
+@click.option("--lr", type=float, callback=bounds.positive_finite, help="Learning rate.")
+@click.option("--seed", type=int, callback=bounds.seed_range, help="Seed of the teacher trajectories (0..2**64-1).")
 @click.option("--recipe", "recipe_file", type=click.Path(), help="TOML recipe (default: the shipped one for the model).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also copy the artifact here.")
 @click.option("--refit", is_flag=True, help="Distil again even on a cache hit.")
@@ -190,6 +192,8 @@ def distill(model_name, steps, plus, base, mode, objective, teacher_steps, sampl
 
     overrides = dict(steps=steps, plus=plus, base=base, mode=mode, objective=objective, teacher_steps=teacher_steps,
                      samples=samples, iters=iters, batch=batch, lr=lr, seed=seed)
+    if out:
+        fileio.check_file(out)
     launch, fit = distributed.launch_from_env(os.environ), None
     path = None if refit or launch else cache.lookup(model_name, overrides, cache_dir=cache_dir, recipe_file=recipe_file, offline=offline)
     if launch:  # torchrun / srun: every rank rolls out a block, rank 0 fits and writes, all print its path
@@ -200,7 +204,9 @@ def distill(model_name, steps, plus, base, mode, objective, teacher_steps, sampl
         log(f"cache hit: {path}")
     else:
         from lsdtool import api
+        from lsdtool.locations import cache_root
 
+        fileio.check_dir(cache_root(cache_dir))  # before the fit, not after it
         model = api.load_model(model_name, device=device, offline=offline)
         with console.Bars() as bars:
             sampler = api.distill(model, **overrides, cache_dir=cache_dir, recipe=recipe_file, refit=refit,
@@ -290,7 +296,9 @@ def cache_list(cache_dir, as_json):
 
     table = Table("model", "sampler", "steps", "objective", "mode", "created", "path")
     for r in rows:
-        if "error" in r:
+        if r.get("temp"):
+            table.add_row("?", "stale temp file" if r["stale"] else "being written", "", "", "", "", r["path"])
+        elif "error" in r:
             table.add_row("?", "unreadable", "", "", "", "", r["path"])
         else:
             table.add_row(r["model"], "lsd+" if r["plus"] else "lsd", str(r["steps"]), r["objective"], r["mode"], r["created"], r["path"])
@@ -299,7 +307,7 @@ def cache_list(cache_dir, as_json):
 
 @cache_group.command("rm")
 @click.argument("paths", nargs=-1)
-@click.option("--all", "remove_all", is_flag=True, help="Remove every cached artifact.")
+@click.option("--all", "remove_all", is_flag=True, help="Remove every cached artifact and stale temp file.")
 @cache_dir_option
 def cache_rm(paths, remove_all, cache_dir):
     """Remove cached artifacts (by path, or --all)."""
@@ -312,13 +320,24 @@ def cache_rm(paths, remove_all, cache_dir):
         click.echo(str(p))
 
 
+@cache_group.command("prune")
+@cache_dir_option
+def cache_prune(cache_dir):
+    """Remove temp files left in the cache by interrupted writes (never one still being written)."""
+    from lsdtool import cache
+    from lsdtool.locations import cache_root
+
+    for p in cache.prune(cache_root(cache_dir)):
+        click.echo(str(p))
+
+
 def _nfe_list(ctx, param, value):
     try:
         out = sorted({int(v) for v in str(value).split(",") if v.strip()})
     except ValueError:
         raise click.BadParameter("a comma-separated list of NFE values, e.g. 8,16,32") from None
-    if not out or out[0] < 1:
-        raise click.BadParameter("NFE values must be positive integers")
+    if not out or out[0] < 1 or out[-1] > bounds.STEPS_LIMIT:
+        raise click.BadParameter(f"NFE values must be integers in 1..{bounds.STEPS_LIMIT}")
     return out
 
 
@@ -329,17 +348,17 @@ def _nfe_list(ctx, param, value):
 @click.option("--samplers", default="euler,tweedie,lsd,lsd+", show_default=True,
               help="Comma-separated: euler, tweedie, count, theta-trapezoidal, jys, euler-temp, power, lsd, lsd+ "
                    "(lsd/lsd+ take :paper, :teacher-path, :temperature, :score, :tweedie suffixes).")
-@click.option("-n", "num", type=int, default=256, show_default=True, callback=positive, help="Samples per row (indices 0..n-1).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--teacher-steps", type=int, callback=positive, help="Teacher reference steps (default: the model's recipe); also passed to distillation.")
-@click.option("--batch-size", type=int, default=64, show_default=True, callback=positive)
+@click.option("-n", "num", type=int, default=256, show_default=True, callback=bounds.in_range(1, bounds.INDEX_LIMIT), help="Samples per row (indices 0..n-1).")
+@click.option("--seed", type=int, default=0, show_default=True, callback=bounds.seed_range, help="0..2**64-1.")
+@click.option("--teacher-steps", type=int, callback=bounds.steps_range, help="Teacher reference steps (default: the model's recipe); also passed to distillation.")
+@click.option("--batch-size", type=int, default=64, show_default=True, callback=bounds.batch_range)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (protocol and rows) instead of the table.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the rows as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also plot metric vs NFE (PNG; needs matplotlib).")
 @click.option("--data", type=click.Path(dir_okay=False), help="Clean data for jys (jsonl of token ids); countdown generates its own.")
 @click.option("--eval-model", help="Causal LM for generative perplexity of text models  [default: gpt2-large]")
 @click.option("--per-sample-ppl", is_flag=True, help="Show the per-sample perplexity (mean of exp(mean NLL)) in the table.")
-@click.option("--tune-n", type=int, callback=positive, help="Held-out samples for tuning euler-temp and power  [default: min(n, 128)]")
+@click.option("--tune-n", type=int, callback=bounds.in_range(1, bounds.INDEX_LIMIT), help="Held-out samples for tuning euler-temp and power  [default: min(n, 128)]")
 @click.option("--no-teacher", is_flag=True, help="Leave out the teacher reference row.")
 @click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False), help="TOML recipe for the lsd rows (default: the shipped one).")
 @cache_dir_option
@@ -351,7 +370,8 @@ def compare(model_name, nfes, samplers, num, seed, teacher_steps, batch_size, as
     import json
 
     from lsdtool import compare as cmp
-    from lsdtool import console, generation, models
+    from lsdtool import console, fileio, generation, models
+    from lsdtool.locations import cache_root
 
     names = cmp.parse_samplers(samplers)
     if plot_path:
@@ -359,6 +379,11 @@ def compare(model_name, nfes, samplers, num, seed, teacher_steps, batch_size, as
             import matplotlib  # noqa: F401
         except ImportError:
             raise click.ClickException("--plot needs matplotlib: pip install 'lsdtool[plot]'") from None
+    for target in (csv_path, plot_path):
+        if target:
+            fileio.check_file(target)
+    if any(name.startswith("lsd") or name.startswith("jys") for name in names):
+        fileio.check_dir(cache_root(cache_dir))
     dev = generation.pick_device(device)
     model = models.load(model_name, device=dev, offline=offline)
     local_only = True if offline else None
@@ -488,7 +513,7 @@ def _compare_plot(result, path, per_sample_ppl=False):
     ax.legend(fontsize=8)
     fig.tight_layout()
     with fileio.atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png")
+        fig.savefig(f, format=os.path.splitext(path)[1][1:].lower() or "png")
     plt.close(fig)
 
 

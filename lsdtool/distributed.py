@@ -220,13 +220,18 @@ def obtain(launch: Launch, model_name: str, overrides: dict, *, cache_dir=None, 
     Rank 0's cache lookup decides for all ranks; on a miss every rank loads the model and rolls out
     its block, rank 0 fits and writes the artifact (and ``out``), then sends its path to the others.
     """
-    from lsdtool import cache, models
+    from lsdtool import cache, fileio, models
     from lsdtool.console import log
+    from lsdtool.locations import cache_root
 
     world = World(launch, pick_device(device, launch), timeout_seconds(os.environ))
     try:
-        lookup = lambda: cache.lookup(model_name, overrides, cache_dir=cache_dir, recipe_file=recipe_file, offline=offline)  # noqa: E731
-        hit = world.agree("looking up the cache", lambda: lookup() if world.rank == 0 and not refit else None)
+        def lookup():  # rank 0 writes: its cache must take the artifact, checked before any rollout
+            fileio.check_dir(cache_root(cache_dir))
+            return None if refit else cache.lookup(model_name, overrides, cache_dir=cache_dir, recipe_file=recipe_file,
+                                                   offline=offline)
+
+        hit = world.agree("looking up the cache", lambda: lookup() if world.rank == 0 else None)
         answer = world.root_says(str(hit) if hit else "", "looking up the cache")
         if answer:
             if world.rank == 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -15,24 +15,51 @@ FORMATS = ("text", "jsonl", "tokens")
 
 
 def pick_device(name: str | None) -> torch.device:
-    """``auto`` (or None) is CUDA when present, else CPU."""
+    """``auto`` (or None) is CUDA when present, else CPU; any other name must be a device this machine
+    has (checked before a model is loaded), else a ValueError saying which devices there are."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device name; {_devices_here()}") from None
+    if device.type == "meta":
+        raise ValueError(f"--device {name!r} holds no data and cannot sample; {_devices_here()}")
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name!r} requested but CUDA is not available; {_devices_here()}")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name!r} requested but this machine has {count} CUDA device(s); {_devices_here()}")
+        return device
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ValueError(f"--device {name!r} is not available on this machine; {_devices_here()}")
     return device
 
 
-def batches(model, sampler: Sampler, indices: list[int], seed: int, batch_size: int,
+def _devices_here() -> str:
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    names = ["cpu"] + [f"cuda:{k}" for k in range(cuda)]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return "devices here: " + ", ".join(names)
+
+
+def batches(model, sampler: Sampler, indices: Sequence[int], seed: int, batch_size: int,
             device: torch.device, on_step=None, conditions: conditioning.Conditions | None = None,
             ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (global indices, tokens (b, L) on CPU) batch by batch; output does not depend on batch_size.
 
+    ``indices`` may be a ``range``: only one batch of indices ever exists, so memory is flat in n.
+
     ``conditions`` gives each sample's fixed tokens (see :mod:`lsdtool.conditioning`).
     """
     for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
+        chunk = list(indices[start : start + batch_size])
         index = torch.tensor(chunk, dtype=torch.long, device=device)
         x_init = fixed = None
         if conditions is not None:

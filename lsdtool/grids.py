@@ -8,6 +8,7 @@ import math
 from lsdtool import steprules
 
 MODES = ("score", "temperature")  # what Phi multiplies: the concrete score, or the log score
+PHI_RANGE = (1e-3, 1e3)  # sane coefficients: the untrained Phi is 1 and a fit moves it by far less than 1000x
 
 
 def grid_problem(ts: list[float], cs: list[float], base: str, mode: str) -> str | None:
@@ -24,6 +25,12 @@ def grid_problem(ts: list[float], cs: list[float], base: str, mode: str) -> str 
         return "timesteps are not strictly decreasing"
     if ts[-1] <= 0 or ts[0] > 1:
         return f"timesteps must lie in (0, 1], got {ts[0]:g} .. {ts[-1]:g}"
+    if abs(ts[0] - 1) > 1e-9:
+        return f"the grid must start at tau_0 = 1 (pure noise), got {ts[0]:g}"
     if mode == "score" and not all(c > 0 for c in cs):
         return "score-mode coefficients must be positive"
+    low, high = PHI_RANGE
+    outside = [c for c in cs if not low <= c <= high]
+    if outside:
+        return f"coefficient Phi = {outside[0]:g} lies outside the sane range [{low:g}, {high:g}]"
     return None

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from typing import BinaryIO, Iterator, Sequence
 
 from lsdtool import fileio
 from lsdtool.errors import LsdError
@@ -37,29 +38,43 @@ def _parse(raw: bytes):
         return None
 
 
-def scan(path: str, torn_ok: bool = False) -> tuple[list[Record], int]:
-    """The records of a jsonl sample file and the byte size of its complete part.
+_RECORD_START = b'{"index":'  # how every record lsd writes begins
+MAX_LINE = 1 << 26  # a longer line is not a sample record; reading stops there, whatever the file size
 
-    A torn last line (no newline at the end, or invalid JSON) is left out when ``torn_ok``, else an error.
+
+def _records(f: BinaryIO, path: str, torn_ok: bool) -> Iterator[Record]:
+    """The records of an open jsonl sample file from its start.
+
+    A last line without a newline is a torn write: left out when ``torn_ok`` and it begins like a
+    record (anything else is not ours to cut), else an error. A complete line must be a record.
     """
-    records, offset = [], 0
+    f.seek(0)
+    offset, line = 0, 0
+    while raw := f.readline(MAX_LINE):
+        line += 1
+        if not raw.endswith(b"\n"):
+            if len(raw) == MAX_LINE:
+                raise LsdError(f"{path} line {line} is longer than {MAX_LINE} bytes: not a sample file")
+            if torn_ok and (raw.startswith(_RECORD_START) or _RECORD_START.startswith(raw)):
+                return
+            if torn_ok:
+                raise LsdError(f"{path} line {line} is not a sample record; refusing to write over it")
+            raise LsdError(f"{path} line {line} is incomplete (an interrupted run? finish it with lsd sample ... --resume)")
+        obj = _parse(raw)
+        if obj is None:
+            raise LsdError(f"{path} line {line} is not valid JSON (write samples with --format jsonl)")
+        index = obj.get("index") if isinstance(obj, dict) else None
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise LsdError(f"{path} line {line} is not a sample record (write samples with --format jsonl)")
+        yield Record(line, offset, len(raw), index, tuple(obj.get(k) for k in PROVENANCE))
+        offset += len(raw)
+
+
+def scan(path: str, torn_ok: bool = False) -> tuple[list[Record], int]:
+    """The records of a jsonl sample file and the byte size of its complete part (see :func:`_records`)."""
     with open(path, "rb") as f:
-        while raw := f.readline():
-            line = len(records) + 1
-            obj = _parse(raw) if raw.endswith(b"\n") else None
-            if obj is None:
-                last = not f.read(1)  # only the last line can be a torn write
-                if last and torn_ok:
-                    break
-                if last and not raw.endswith(b"\n"):
-                    raise LsdError(f"{path} line {line} is incomplete (an interrupted run? finish it with lsd sample ... --resume)")
-                raise LsdError(f"{path} line {line} is not valid JSON (write samples with --format jsonl)")
-            index = obj.get("index") if isinstance(obj, dict) else None
-            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-                raise LsdError(f"{path} line {line} is not a sample record (write samples with --format jsonl)")
-            records.append(Record(line, offset, len(raw), index, tuple(obj.get(k) for k in PROVENANCE)))
-            offset += len(raw)
-    return records, offset
+        records = list(_records(f, path, torn_ok))
+    return records, sum(r.length for r in records)
 
 
 def _what(field: str, value) -> str:
@@ -74,25 +89,64 @@ def _mismatch(source: tuple, reference: tuple) -> tuple[str, str] | None:
     return None
 
 
-def resume(path: str, indices: list[int], provenance: dict) -> int:
-    """How many of ``indices`` ``path`` already holds, in order and from this run's sampler, model and
-    seed; cuts a torn last line off the file. A missing file holds none."""
-    if not os.path.exists(path):
-        return 0
-    records, end = scan(path, torn_ok=True)
+def samples_done(f: BinaryIO, path: str, indices: Sequence[int], provenance: dict) -> int:
+    """How many of ``indices`` the open file ``f`` (``path``) already holds, in order and from this
+    run's sampler, model and seed; cuts a torn last line off. Reads record by record (memory flat in n)."""
     expected = tuple(provenance.get(k) for k in PROVENANCE)
-    for pos, r in enumerate(records):
-        if pos >= len(indices):
-            raise LsdError(f"{path} holds more samples than this run makes ({len(indices)}); was -n or --shard changed?")
-        if r.index != indices[pos]:
-            raise LsdError(f"{path} line {r.line} holds index {r.index} where this run writes index {indices[pos]}; "
-                           "was -n or --shard changed?")
-        diff = _mismatch(r.source, expected)
-        if diff:
-            raise LsdError(f"{path} line {r.line} was sampled with {diff[0]}, this run uses {diff[1]}")
-    if end < os.path.getsize(path):
-        os.truncate(path, end)
-    return len(records)
+    done, end, problem = 0, 0, None
+    for r in _records(f, path, torn_ok=True):  # a malformed line anywhere is reported before a mismatch
+        if problem:
+            continue
+        if done >= len(indices):
+            problem = f"{path} holds more samples than this run makes ({len(indices)}); was -n or --shard changed?"
+        elif r.index != indices[done]:
+            problem = (f"{path} line {r.line} holds index {r.index} where this run writes index {indices[done]}; "
+                       "was -n or --shard changed?")
+        elif diff := _mismatch(r.source, expected):
+            problem = f"{path} line {r.line} was sampled with {diff[0]}, this run uses {diff[1]}"
+        else:
+            done, end = done + 1, r.offset + r.length
+    if problem:
+        raise LsdError(problem)
+    if end < os.fstat(f.fileno()).st_size:
+        f.truncate(end)
+    return done
+
+
+def _refusal(path: str) -> str:
+    return f"{path} already holds data; pass --resume to continue it or --force to replace it"
+
+
+def check_output(path: str, resume: bool = False, force: bool = False, input_path: str | None = None) -> None:
+    """Before any work: ``path`` can be appended to, is not the --input file, and is not a non-empty
+    file that neither --resume nor --force allows touching."""
+    fileio.check_file(path, append=True)
+    if input_path and os.path.exists(input_path) and os.path.exists(path) and os.path.samefile(path, input_path):
+        raise LsdError(f"-o {path} is the --input file; write the samples elsewhere")
+    if not (resume or force) and os.path.isfile(path) and os.path.getsize(path) > 0:
+        raise LsdError(_refusal(path))
+
+
+@contextlib.contextmanager
+def open_output(path: str, indices: Sequence[int], provenance: dict, resume: bool = False,
+                force: bool = False) -> Iterator[tuple[BinaryIO, int]]:
+    """(file positioned for appending, samples already there) for ``lsd sample -o``, under an
+    exclusive lock held until the block ends: with ``resume`` the complete samples are kept (see
+    :func:`samples_done`); a non-empty file is emptied only with ``force`` and refused otherwise."""
+    with fileio.locked_append(path) as f:
+        if not f.seekable():  # a device or FIFO: nothing to keep or lose
+            yield f, 0
+            return
+        if resume:
+            done = samples_done(f, path, indices, provenance)
+        elif os.fstat(f.fileno()).st_size and not force:
+            raise LsdError(_refusal(path))
+        else:
+            if os.fstat(f.fileno()).st_size:
+                f.truncate(0)
+            done = 0
+        f.seek(0, os.SEEK_END)
+        yield f, done
 
 
 def _check_shard_names(paths: list[str]) -> None:

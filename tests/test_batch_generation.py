@@ -195,7 +195,7 @@ def test_merge_catches_gaps_duplicates_and_mixes(tmp_path, shards):
     other.mkdir()
     for args, what in ((["--seed", 2], "seed 2"), (["--steps", 3, "--seed", 1], "sampler euler-3"),
                        (["--steps", 2, "--seed", 1, "--base", "tweedie"], "sampler tweedie-2")):
-        ok(*BASE, "-n", 7, *args, "--shard", "1/3", "-o", other / "s.jsonl")
+        ok(*BASE, "-n", 7, *args, "--shard", "1/3", "-o", other / "s.jsonl", "--force")  # replaces the last one
         mixed = str(other / "s.shard-00001-of-00003.jsonl")
         fails("merge", a, mixed, c, match=f"{mixed} line 1 was sampled with {what}, {a} with")
     record = json.loads(lines[0])

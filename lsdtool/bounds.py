@@ -1,0 +1,44 @@
+"""The numeric limits of the command line, each the range the code behind it honours (torch-free).
+
+Randomness is a hash of (seed, sample index, ...) in :mod:`lsdtool.rng`, which folds the seed to
+64 bits and the sample index to 32 bits: a seed outside 0..2**64-1 or an index past 2**32-1 would
+silently repeat another one's samples, so such values are refused rather than wrapped.
+"""
+
+from __future__ import annotations
+
+import math
+
+SEED_LIMIT = 2**64  # seeds 0..2**64-1 are distinct
+INDEX_LIMIT = 2**32  # sample indices 0..2**32-1 are distinct, so at most 2**32 samples per run
+STEPS_LIMIT = 2**20  # steps of a sampler or teacher: far past any useful grid, and its tensors stay small
+BATCH_LIMIT = 2**20  # samples per batch
+ITERS_LIMIT = 10**9  # optimiser iterations
+
+
+def in_range(low: int, high: int, why: str = ""):
+    """A click callback accepting integers in low..high (None passes through)."""
+
+    def check(ctx, param, value):
+        import click
+
+        if value is not None and not low <= value <= high:
+            raise click.BadParameter(f"must lie in {low}..{high}" + (f" ({why})" if why else "") + f", got {value}")
+        return value
+
+    return check
+
+
+seed_range = in_range(0, SEED_LIMIT - 1, "the generator folds seeds to 64 bits")
+count_range = in_range(0, INDEX_LIMIT, "sample indices are 32-bit")
+steps_range = in_range(1, STEPS_LIMIT)
+batch_range = in_range(1, BATCH_LIMIT)
+
+
+def positive_finite(ctx, param, value):
+    """A click callback accepting floats that are finite and above 0 (None passes through)."""
+    import click
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a finite number above 0, got {value}")
+    return value
