@@ -54,10 +54,11 @@ def lookup(model_name: str, overrides: dict | None = None, *, cache_dir=None, re
 
 
 def load_or_distill(model, overrides: dict | None = None, *, cache_dir=None, refit: bool = False, device=None,
-                    recipe_file: str | None = None, recipe: dict | None = None, log=None):
+                    recipe_file: str | None = None, recipe: dict | None = None, log=None, world=None):
     """The cached :class:`~lsdtool.samplers.Sampler` for ``model`` and the effective recipe (defaults <- shipped
     recipe or ``recipe_file`` <- ``overrides``), distilled and cached on a miss; its ``path`` is the artifact.
-    ``recipe`` (a dict of recipe keys) takes the place of a recipe file. ``log`` gets one-line notes."""
+    ``recipe`` (a dict of recipe keys) takes the place of a recipe file. ``log`` gets one-line notes.
+    With a distributed ``world`` (:mod:`lsdtool.distributed`) rank 0 fits and writes; the other ranks get None."""
     from lsdtool import distillation
     from lsdtool.samplers import Sampler
 
@@ -71,7 +72,9 @@ def load_or_distill(model, overrides: dict | None = None, *, cache_dir=None, ref
         except LsdError:
             if log is not None:
                 log(f"cached artifact {path} is unreadable; distilling it again")
-    result = distillation.distill(model, effective, device=device)
+    result = distillation.distill(model, effective, device=device, world=world)
+    if result is None:
+        return None
     artifacts.save(path, result.sampler, artifacts.metadata(model, result.sampler, effective, recipes.to_toml(effective),
                                                             result.fit))
     return Sampler.load(path)

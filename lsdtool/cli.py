@@ -193,15 +193,20 @@ cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False),
 def distill(model_name, steps, plus, base, mode, objective, teacher_steps, samples, iters, batch, lr, seed,
             recipe_file, out, refit, cache_dir, device, offline):
     """Distil a few-step sampler; prints the artifact path as the last line of stdout."""
-    from lsdtool import cache, console, fileio
+    from lsdtool import cache, console, distributed, fileio
     from lsdtool.console import log
 
     overrides = dict(steps=steps, plus=plus, base=base, mode=mode, objective=objective, teacher_steps=teacher_steps,
                      samples=samples, iters=iters, batch=batch, lr=lr, seed=seed)
     if out:
         fileio.check_file(out)
-    path = None if refit else cache.lookup(model_name, overrides, cache_dir=cache_dir, recipe_file=recipe_file, offline=offline)
-    if path is not None:  # answered without loading the model or torch
+    launch, fit = distributed.launch_from_env(os.environ), None
+    path = None if refit or launch else cache.lookup(model_name, overrides, cache_dir=cache_dir, recipe_file=recipe_file, offline=offline)
+    if launch:  # torchrun / srun: every rank rolls out a block, rank 0 fits and writes, all print its path
+        path, fit = distributed.obtain(launch, model_name, overrides, cache_dir=cache_dir, recipe_file=recipe_file,
+                                       refit=refit, device=device, offline=offline, out=out)
+        out = None
+    elif path is not None:  # answered without loading the model or torch
         log(f"cache hit: {path}")
     else:
         from lsdtool import api
@@ -213,10 +218,10 @@ def distill(model_name, steps, plus, base, mode, objective, teacher_steps, sampl
             sampler = api.distill(model, **overrides, cache_dir=cache_dir, recipe=recipe_file, refit=refit,
                                   device=model.device, progress=bars, log=log)
         path, fit = sampler.path, sampler.fit
-        if fit.get("loss_before") is not None:
-            before, after = fit.get("loss_before") or [], fit.get("loss_after") or []
-            log(f"fitted in {fit.get('seconds', 0):.1f}s on {fit.get('device')}: {fit.get('loss', 'loss')} "
-                f"{sum(before):.4g} -> {sum(after):.4g}")
+    if fit and fit.get("loss_before") is not None:
+        before, after = fit.get("loss_before") or [], fit.get("loss_after") or []
+        log(f"fitted in {fit.get('seconds', 0):.1f}s on {fit.get('device')}: {fit.get('loss', 'loss')} "
+            f"{sum(before):.4g} -> {sum(after):.4g}")
     if out:
         fileio.copy(path, out)
         path = out

@@ -24,6 +24,7 @@ import torch
 
 from lsdtool import recipes, rng
 from lsdtool.errors import LsdError
+from lsdtool.sharding import shard_range
 from lsdtool.samplers import DEFAULT_EPS, Sampler, iterate, step_rows, uniform_grid
 from lsdtool.diffusion import make_graph
 
@@ -37,9 +38,10 @@ class FitResult:
     fit: dict
 
 
-def distill(model, recipe: dict, device=None) -> FitResult:
+def distill(model, recipe: dict, device=None, world=None) -> FitResult | None:
     """Fit a ``recipe['steps']``-step sampler for ``model``; returns the sampler and a fit report.
-    Keys the recipe leaves out take their defaults."""
+    Keys the recipe leaves out take their defaults. With a :class:`lsdtool.distributed.World` every
+    rank rolls out its block of the trajectories and rank 0 fits on all of them; the other ranks return None."""
     from lsdtool.generation import pick_device
 
     recipe = recipes.complete(recipe)
@@ -49,13 +51,19 @@ def distill(model, recipe: dict, device=None) -> FitResult:
     if hasattr(model, "to"):
         model.to(dev)
     start = time.time()
-    if recipe["iters"] == 0:  # untrained: the base sampler itself
+    if recipe["iters"] == 0:  # untrained: the base sampler itself (no rollout; rank 0 writes it)
+        if world is not None and world.rank != 0:
+            return None
         return FitResult(Sampler.plain(recipe["steps"], recipe["base"], recipe["mode"]), {"iterations": 0, "objective": recipe["objective"]})
     paper = recipe["objective"] == "paper"
-    rollout = TeacherRollout(model, recipe, dev, collect_mass=paper and recipe["plus"])
+    rollout = TeacherRollout(model, recipe, dev, collect_mass=paper and recipe["plus"], world=world)
+    if world is not None and world.rank != 0:
+        return None
+    rolled = time.time()
     fit = fit_teacher_path(rollout, recipe) if recipe["objective"] == "teacher-path" else fit_paper(rollout, recipe)
     fit.fit.update({"objective": recipe["objective"], "seconds": round(time.time() - start, 2), "device": str(dev),
-                    "teacher_steps": rollout.n_steps, "samples": rollout.n_samples})
+                    "teacher_steps": rollout.n_steps, "samples": rollout.n_samples,
+                    "rollout_seconds": round(rolled - start, 2), "ranks": world.size if world is not None else 1})
     fit.sampler.check()
     return fit
 
@@ -68,7 +76,7 @@ class TeacherRollout:
     revealed and the teacher's log-probability of the revealed token at that moment.
     """
 
-    def __init__(self, model, recipe: dict, device, collect_mass: bool = False):
+    def __init__(self, model, recipe: dict, device, collect_mass: bool = False, world=None):
         self.model, self.device = model, device
         self.n_steps = recipe["teacher_steps"]
         self.n_samples = recipe["samples"]
@@ -81,10 +89,14 @@ class TeacherRollout:
         self.candidates = torch.unique(torch.cat([cands, self._uniform_steps(recipe["steps"])]))
         self.times = self.teacher.timesteps[self.candidates]  # (K+1,) float64
         self.absorbing = model.graph == "absorb"
-        self.mass = self._mass_buffer() if collect_mass else None
         self._scores: dict[tuple, torch.Tensor] = {}
         self._score_bytes = 0
-        self._run(recipe["batch"])
+        if world is None:
+            self.mass = self._mass_buffer(self.n_samples) if collect_mass else None
+            self._run(range(self.n_samples), recipe["batch"])
+        else:
+            self._run_distributed(world, recipe["batch"], collect_mass)
+        self.final = self.states[-1]
 
     def _uniform_steps(self, steps: int) -> torch.Tensor:
         """Teacher step indices of the uniform student grid with ``steps`` steps."""
@@ -94,15 +106,15 @@ class TeacherRollout:
         """Candidate indices of the uniform student grid (it is always among the candidates)."""
         return [int(torch.nonzero(self.candidates == c)) for c in self._uniform_steps(steps)]
 
-    def _mass_buffer(self) -> torch.Tensor:
+    def _mass_buffer(self, rows: int) -> torch.Tensor:
         """Teacher mass per candidate interval, sum over its teacher steps of (t - s) sigma'(t) s*(x*_t, t)
-        at masked rows: (K, S, L, V) float32, for the paper objective's LSD+ term."""
+        at masked rows: (K, rows, L, V) float32, for the paper objective's LSD+ term."""
         kk, s = len(self.candidates) - 1, self.n_samples
         l, v = self.model.seq_len, self.model.vocab_size
-        if kk * s * l * v * 4 > _PAPER_MEMORY:
+        if kk * s * l * v * 4 > _PAPER_MEMORY:  # the whole buffer ends up on one rank
             raise LsdError(f"the paper objective would cache {kk * s * l * v * 4 / 2**30:.1f} GiB of teacher mass; "
                            "lower samples or candidates, or use objective = \"teacher-path\"")
-        return torch.zeros(kk, s, l, v, dtype=torch.float32)
+        return torch.zeros(kk, rows, l, v, dtype=torch.float32)
 
     def moving_scores(self, a: int, rows: slice, moving: torch.Tensor) -> torch.Tensor:
         """The model's log score (R, V) at the moving rows of candidate state a, computed once while
@@ -123,25 +135,27 @@ class TeacherRollout:
             self._score_bytes -= self._scores[key].numel() * self._scores[key].element_size()
             del self._scores[key]
 
-    def _run(self, batch: int):
+    def _run(self, rows: range, batch: int, visible: bool = True):
+        """Roll out the trajectories with global indices ``rows`` (a contiguous block), in batches of
+        ``batch`` cut where a single process cuts them, into summaries indexed from ``rows.start``."""
         from lsdtool.console import progress
 
-        model, s, l = self.model, self.n_samples, self.model.seq_len
+        model, n, l = self.model, len(rows), self.model.seq_len
         cands = self.candidates.tolist()
         pos_of = {c: i for i, c in enumerate(cands)}
-        self.states = torch.empty(len(self.candidates), s, l, dtype=torch.long)
-        self.reveal_step = torch.full((s, l), self.n_steps - 1, dtype=torch.long)
-        self.reveal_logp = torch.zeros(s, l, dtype=torch.float64)
+        self.states = torch.empty(len(self.candidates), n, l, dtype=torch.long)
+        self.reveal_step = torch.full((n, l), self.n_steps - 1, dtype=torch.long)
+        self.reveal_logp = torch.zeros(n, l, dtype=torch.float64)
         mask = model.vocab_size - 1
         with progress() as bar, torch.no_grad():
-            task = bar.add_task("teacher rollout", total=s * self.n_steps)
-            for b0 in range(0, s, batch):
-                index = torch.arange(b0, min(s, b0 + batch), device=self.device)
-                rows = slice(b0, b0 + index.shape[0])
+            task = bar.add_task("teacher rollout", total=n * self.n_steps, visible=visible)
+            for b0 in range(rows.start, rows.stop, batch):
+                index = torch.arange(b0, min(rows.stop, b0 + batch), device=self.device)
+                local = slice(b0 - rows.start, b0 - rows.start + index.shape[0])
                 interval = 0
                 for step in iterate(model, self.teacher, index, self.seed):
                     if step.k in pos_of:
-                        self.states[pos_of[step.k], rows] = step.x.cpu()
+                        self.states[pos_of[step.k], local] = step.x.cpu()
                     while step.k >= cands[interval + 1]:
                         interval += 1
                     if self.absorbing:
@@ -149,15 +163,43 @@ class TeacherRollout:
                         if revealed.any():
                             logp = _token_logp(step.log_score, step.x_next, revealed)
                             rev = revealed.cpu()
-                            self.reveal_step[rows][rev] = step.k  # a slice of rows is a view: writes land
-                            self.reveal_logp[rows][rev] = logp.cpu()
+                            self.reveal_step[local][rev] = step.k  # a slice of rows is a view: writes land
+                            self.reveal_logp[local][rev] = logp.cpu()
                     if self.mass is not None:
                         rate = float((step.t - step.s) * model.noise.rate(step.t))
                         moving = (step.x == mask).float()[..., None]
-                        self.mass[interval, rows] += (rate * step.log_score.exp().float() * moving).cpu()
+                        self.mass[interval, local] += (rate * step.log_score.exp().float() * moving).cpu()
                     bar.advance(task, index.shape[0])
-                self.states[-1, rows] = step.x_next.cpu()
-        self.final = self.states[-1]
+                self.states[-1, local] = step.x_next.cpu()
+
+    def _run_distributed(self, world, batch: int, collect_mass: bool):
+        """This rank's block of :func:`rollout_rows`, then every block gathered on
+        rank 0 in index order: the same tensors a single process computes."""
+        blocks = [rollout_rows(self.n_samples, batch, r, world.size) for r in range(world.size)]
+        mine = blocks[world.rank]
+
+        def run():
+            self.mass = self._mass_buffer(len(mine)) if collect_mass else None
+            self._run(mine, batch, visible=world.rank == 0)
+
+        world.agree("rolling out the teacher", run)
+        counts = [len(b) for b in blocks]
+        parts = {"states": 1, "reveal_step": 0, "reveal_logp": 0} | ({"mass": 1} if self.mass is not None else {})
+        for name, dim in parts.items():  # (the other ranks keep their own block)
+            whole = world.gather_rows(getattr(self, name), dim, counts)
+            if world.rank == 0:
+                setattr(self, name, whole)
+
+
+def rollout_rows(n: int, batch: int, rank: int, size: int) -> range:
+    """The global trajectory indices rank ``rank`` of ``size`` rolls out: whole batches of the
+    single-process run when there are at least as many batches as ranks (so every model call sees the
+    same rows as in one process), else an even split of 0..n-1."""
+    batches = -(-n // batch)
+    if batches < size:
+        return shard_range(n, rank, size)
+    block = shard_range(batches, rank, size)
+    return range(block.start * batch, min(n, block.stop * batch))
 
 
 def _token_logp(log_score, tokens, rows):
@@ -272,7 +314,8 @@ def fit_coeffs(rollout: TeacherRollout, path: list[int], recipe: dict) -> tuple[
             def closure():
                 opt.zero_grad()
                 loss = nll(k, log_phi.exp())
-                loss.backward()
+                if loss.requires_grad:  # else the teacher moves no position here and Phi_k stays 1
+                    loss.backward()
                 return loss
 
             opt.step(closure)

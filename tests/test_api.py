@@ -35,7 +35,7 @@ def test_distill_is_cached_exactly_like_lsd_distill(countdown, tmp_path):
     meta_api, meta_cli = dict(fresh.meta), dict(cli.meta)
     for m in (meta_api, meta_cli):
         m.pop("created")
-        m["fit"] = re.sub(r'"seconds": [0-9.]+', "", m["fit"])
+        m["fit"] = re.sub(r'"\w*seconds": [0-9.]+', "", m["fit"])  # wall times differ between runs
     assert meta_api == meta_cli
     assert fresh.fit["iterations"] >= 1 and fresh.fit == Sampler.load(fresh.path).fit
 

@@ -102,3 +102,13 @@ def test_candidate_times_match_candidates_when_the_uniform_grid_is_merged_in(cou
     assert len(ro.candidates) > 6  # 5 candidate intervals plus the 3-step uniform grid's points
     assert torch.equal(ro.times, ro.teacher.timesteps[ro.candidates])
     assert torch.equal(ro.times[ro.uniform_path(3)], ro.teacher.timesteps[torch.tensor([0, 21, 43, 64])])
+
+
+def test_a_step_where_the_teacher_moves_nothing_keeps_phi_one(countdown):
+    r = recipes.effective("countdown", overrides=dict(SMALL, steps=2, samples=4, batch=4, candidates=8, iters=2))
+    rollout = distillation.TeacherRollout(countdown, r, torch.device("cpu"))
+    kk = len(rollout.candidates)
+    rollout.states[kk // 2] = rollout.final  # all revealed by the middle: the second step moves nothing
+    coeffs, before, after = distillation.fit_coeffs(rollout, [0, kk // 2, kk - 1], r)
+    assert coeffs[1] == 1 and before[1] == after[1] == 0
+    assert after[0] <= before[0]
