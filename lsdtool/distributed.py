@@ -16,6 +16,7 @@ import contextlib
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping, TypeVar
 
@@ -121,6 +122,7 @@ class World:
         self.data_device = device if own_gpu else torch.device("cpu")
         self.backend = "nccl" if own_gpu else "gloo"
         self.told = False  # whether the ranks already know of a failure (agree() shared it)
+        self.broken = False  # whether a collective failed: a peer is gone
 
     # -- control messages (Gloo, on the CPU) -------------------------------------------------------
 
@@ -128,6 +130,7 @@ class World:
         try:
             return fn()
         except RuntimeError as exc:
+            self.broken = True
             raise LsdError(f"rank {self.rank}: lost contact with the other ranks while {what} "
                            f"(a rank exited, or did not answer for {self.timeout:g}s): {_first_line(exc)}") from None
 
@@ -184,11 +187,28 @@ class World:
             return None
         return torch.cat([o.narrow(dim, 0, c).cpu() for o, c in zip(out, counts)], dim)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Leave the group. After a peer is gone, Gloo may abort the process while tearing its
+        connections down (in destroy_process_group or at interpreter exit), which would replace the
+        one-line error and exit 1 by SIGABRT: then the group is left as it is and the process ends
+        with os._exit once Python's own exit handling (the error line, flushed streams) is done."""
+        import atexit
+
         import torch.distributed as dist
 
-        if dist.is_initialized():
+        if self.broken:
+            code = 1 if failed else 0
+            atexit.register(_exit_now, code)
+        elif dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _exit_now(code: int) -> None:
+    """End the process without C++ teardown (see World.close)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -225,6 +245,7 @@ def obtain(launch: Launch, model_name: str, overrides: dict, *, cache_dir=None, 
     from lsdtool.locations import cache_root
 
     world = World(launch, pick_device(device, launch), timeout_seconds(os.environ))
+    failed = True
     try:
         def lookup():  # rank 0 writes: its cache must take the artifact, checked before any rollout
             fileio.check_dir(cache_root(cache_dir))
@@ -236,14 +257,16 @@ def obtain(launch: Launch, model_name: str, overrides: dict, *, cache_dir=None, 
         if answer:
             if world.rank == 0:
                 log(f"cache hit: {answer}")
+            failed = False
             return out or answer, None
         if world.rank == 0:
             log(f"{launch.launcher}: {world.size} ranks, summaries gathered over {world.backend}")
         model = world.agree("loading the model", lambda: models.load(model_name, device=world.device, offline=offline))
         path, fit = _fit(world, model, overrides, cache_dir, recipe_file, out)
+        failed = False
         return out or path, fit
     finally:
-        world.close()
+        world.close(failed)
 
 
 def _fit(world: World, model, overrides, cache_dir, recipe_file, out) -> tuple[str, dict | None]:
