@@ -121,7 +121,7 @@ def measure(model, dev, batch: int, rules: dict, repeats: int, seed: int = 0) ->
 def measure_distill(model, dev, args) -> dict:
     """The teacher rollout and the fit of an LSD+ distillation, timed apart, and one bare forward at the
     rollout batch: rollout / (teacher NFE x bare forward) is what the engine adds to the teacher."""
-    from lsdtool import distill, recipes
+    from lsdtool import distillation, recipes
 
     recipe = recipes.effective("sedd-small", overrides=dict(steps=args.steps, teacher_steps=args.teacher_steps,
                                                             samples=args.samples, batch=args.samples,
@@ -136,12 +136,12 @@ def measure_distill(model, dev, args) -> dict:
     forward()
     fwd = [clock(forward, dev) for _ in range(3)]
     t0 = time.perf_counter()
-    rollout = distill.TeacherRollout(model, recipe, dev, quiet=True)
+    rollout = distillation.TeacherRollout(model, recipe, dev)
     sync(dev)
     rollout_s = time.perf_counter() - t0
     fwd += [clock(forward, dev) for _ in range(3)]
     t0 = time.perf_counter()
-    distill.fit_teacher_path(rollout, recipe, quiet=True)
+    distillation.fit_teacher_path(rollout, recipe)
     sync(dev)
     fit_s = time.perf_counter() - t0
     nfe = rollout.teacher.nfe * -(-args.samples // recipe["batch"])
