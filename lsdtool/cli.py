@@ -17,7 +17,7 @@ class LsdGroup(click.Group):
 
     def invoke(self, ctx):
         from lsdtool import faults
-        from lsdtool.errors import LsdError, describe
+        from lsdtool.errors import LsdError, describe, first_line
 
         try:
             with faults.terminate_as_exception():
@@ -28,7 +28,7 @@ class LsdGroup(click.Group):
         except OSError as exc:  # disk full, quota, read-only, permissions, ...
             raise click.ClickException(describe(exc)) from None
         except (LsdError, ValueError) as exc:
-            raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+            raise click.ClickException(first_line(exc)) from None
         except (MemoryError, RuntimeError) as exc:
             if not faults.out_of_memory(exc):
                 raise

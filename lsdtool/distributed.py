@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping, TypeVar
 
-from lsdtool.errors import LsdError
+from lsdtool.errors import LsdError, first_line
 from lsdtool.sharding import _int
 
 DEFAULT_TIMEOUT = 1800.0  # seconds a collective may wait for the other ranks (LSD_DIST_TIMEOUT overrides)
@@ -114,7 +114,7 @@ class World:
                                     timeout=datetime.timedelta(seconds=timeout))
         except RuntimeError as exc:
             raise LsdError(f"rank {self.rank}: could not join the other {self.size - 1} ranks at "
-                           f"{launch.addr}:{launch.port} within {timeout:g}s ({_first_line(exc)})") from None
+                           f"{launch.addr}:{launch.port} within {timeout:g}s ({first_line(exc)})") from None
         self._wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=FIT_WAIT))
         # the summaries travel over NCCL only when every rank holds a GPU of its own (NCCL cannot share one)
         places = self._all_text(f"{socket.gethostname()}/{device}", "starting")
@@ -132,7 +132,7 @@ class World:
         except RuntimeError as exc:
             self.broken = True
             raise LsdError(f"rank {self.rank}: lost contact with the other ranks while {what} "
-                           f"(a rank exited, or did not answer for {self.timeout:g}s): {_first_line(exc)}") from None
+                           f"(a rank exited, or did not answer for {self.timeout:g}s): {first_line(exc)}") from None
 
     def _all_text(self, text: str, what: str, group=None) -> list[str]:
         import torch
@@ -155,7 +155,7 @@ class World:
             out = fn()
         except Exception as exc:
             self.told = True
-            self._all_text(f"error:{_first_line(exc)}", what)
+            self._all_text(f"error:{first_line(exc)}", what)
             raise
         failed = [(r, t) for r, t in enumerate(self._all_text("ok", what)) if t != "ok"]
         if failed:
@@ -209,11 +209,6 @@ def _exit_now(code: int) -> None:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(code)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _url_host(addr: str) -> str:
@@ -289,7 +284,7 @@ def _fit(world: World, model, overrides, cache_dir, recipe_file, out) -> tuple[s
     except Exception as exc:
         if not world.told:  # the others wait for the fit
             with contextlib.suppress(LsdError):
-                world.root_says(f"error:{_first_line(exc)}", "reporting the fit", wait=True)
+                world.root_says(f"error:{first_line(exc)}", "reporting the fit", wait=True)
         raise
     try:
         world.root_says(f"ok:{sampler.path}", "reporting the fit", wait=True)

@@ -10,6 +10,16 @@ class LsdError(Exception):
     """Bad input or an unmet precondition, described in one sentence."""
 
 
+def first_line(exc: BaseException, with_type: bool = False) -> str:
+    """The first line of an exception's message (``Type: line`` with ``with_type``); the type's name
+    when the message is empty."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    if not line:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {line}" if with_type else line
+
+
 _CAUSES = {
     errno.ENOSPC: "no space left on the device",
     errno.EDQUOT: "disk quota exceeded",

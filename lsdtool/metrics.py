@@ -163,14 +163,13 @@ class PerSampleMetric:
         return self._primary or self.figure
 
     def __call__(self, x: torch.Tensor) -> dict:
-        from lsdtool.errors import LsdError
+        from lsdtool.errors import LsdError, first_line
 
         try:
             out = self.fn(x)
         except Exception as e:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise LsdError(f"metric {self.spec} failed on samples of shape {tuple(x.shape)}: "
-                           f"{type(e).__name__}{': ' + why if why else ''}") from None
+                           f"{first_line(e, with_type=True)}") from None
         figures = out if isinstance(out, dict) else {self.figure: out}
         if not figures:
             raise LsdError(f"metric {self.spec} returned an empty dict")
@@ -265,7 +264,7 @@ def _import_function(spec: str):
     import os
     import sys
 
-    from lsdtool.errors import LsdError
+    from lsdtool.errors import LsdError, first_line
 
     module_name, _, func_name = spec.rpartition(":")
     if not module_name or not func_name:
@@ -285,8 +284,7 @@ def _import_function(spec: str):
     except LsdError:
         raise
     except Exception as e:  # ImportError, SyntaxError, anything the module raises at import
-        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise LsdError(f"metric {spec}: cannot import {module_name} ({type(e).__name__}{': ' + why if why else ''})") from None
+        raise LsdError(f"metric {spec}: cannot import {module_name} ({first_line(e, with_type=True)})") from None
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise LsdError(f"metric {spec}: {module_name} has no function {func_name!r}")
