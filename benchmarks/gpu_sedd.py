@@ -16,15 +16,9 @@ import time
 
 import torch
 
+from distill_ranks import build, sync  # the same random SEDD-small (embedding initialised) as the rank benchmark
 from lsdtool import distillation, recipes
-from lsdtool.models.ddit import freeze
-from lsdtool.models.sedd import SEDD
 from lsdtool.samplers import sample
-
-
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def timed(fn, dev, repeats=5):
@@ -45,14 +39,8 @@ def main():
     ap.add_argument("--samples", type=int, default=64)
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    width, blocks, heads, length, tokens = (768, 12, 12, 1024, 50257) if not args.tiny else (64, 2, 4, 64, 500)
-    config = {"tokens": tokens, "graph": {"type": "absorb"}, "noise": {"type": "loglinear"},
-              "model": {"hidden_size": width, "n_heads": heads, "n_blocks": blocks, "cond_dim": 128,
-                        "scale_by_sigma": True, "length": length}}
-    torch.manual_seed(0)
-    model = SEDD(config, name="sedd-small", fingerprint="random:sedd-small-architecture")
-    freeze(model.net)
-    model.to(dev)
+    model = build(args.tiny, dev)
+    length = model.seq_len
     overrides = dict(steps=8, plus=True)
     if args.tiny:
         overrides.update(teacher_steps=64, samples=4, batch=4, candidates=32, iters=3)

@@ -42,3 +42,22 @@ def positive_finite(ctx, param, value):
     if value is not None and not (math.isfinite(value) and value > 0):
         raise click.BadParameter(f"must be a finite number above 0, got {value}")
     return value
+
+
+# torch's device types (c10::DeviceType), so that a misspelt --device is refused before torch is imported,
+# on a cache hit too; whether the device exists here is checked when a model is loaded (generation.pick_device).
+DEVICE_TYPES = ("cpu", "cuda", "ipu", "xpu", "mkldnn", "opengl", "opencl", "ideep", "hip", "ve", "fpga", "maia",
+                "xla", "lazy", "vulkan", "mps", "meta", "hpu", "mtia", "privateuseone")
+
+
+def device_name(ctx, param, value):
+    """A click callback accepting ``auto`` or torch's ``TYPE[:INDEX]`` spelling of a device."""
+    import re
+
+    import click
+
+    match = re.fullmatch(r"([a-z]+)(?::(0|[1-9][0-9]*))?", value or "")
+    if value != "auto" and (match is None or match[1] not in DEVICE_TYPES):
+        raise click.BadParameter(f"{value!r} is not a device name: auto, or TYPE[:INDEX] with TYPE one of "
+                                 f"{', '.join(DEVICE_TYPES)} (cuda:1, say)")
+    return value

@@ -47,7 +47,8 @@ def main():
     """Distil, sample, inspect and compare few-step samplers for discrete diffusion models."""
 
 
-device_option = click.option("--device", default="auto", show_default=True, help="torch device (auto: CUDA when present).")
+device_option = click.option("--device", default="auto", show_default=True, callback=bounds.device_name,
+                             help="torch device (auto: CUDA when present).")
 offline_option = click.option("--offline", is_flag=True, default=None, help="Never touch the network (also HF_HUB_OFFLINE=1).")
 
 

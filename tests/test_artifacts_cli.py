@@ -37,6 +37,15 @@ def test_distill_prints_path_and_repeat_is_a_cache_hit(artifact):
     assert run("cache", "path", "--cache-dir", cache).stdout.strip() == str(cache)
 
 
+@pytest.mark.parametrize("device", ["cdua", "CUDA", "cuda:x", "cuda:01", " cpu"])
+def test_a_misspelt_device_is_refused_on_a_cache_hit_too(artifact, device):
+    path, cache = artifact
+    r = run("distill", "--model", "countdown", "--steps", "4", "--plus", "--cache-dir", cache, *FAST, "--device", device)
+    assert r.exit_code == 2 and "not a device name" in r.output and path not in r.stdout
+    ok = run("distill", "--model", "countdown", "--steps", "4", "--plus", "--cache-dir", cache, *FAST, "--device", "cpu:0")
+    assert ok.exit_code == 0 and ok.stdout.strip().splitlines()[-1] == path
+
+
 def test_artifact_metadata_is_complete(artifact):
     sampler = Sampler.load(artifact[0])
     meta = sampler.meta
