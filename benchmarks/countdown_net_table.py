@@ -44,7 +44,7 @@ def evaluate(model, sampler, n: int, seeds: list[int], device, batch: int) -> di
     return out | {"error_per_seed": per_seed, "sample_seconds": round(seconds, 2)}
 
 
-def run_model(name: str, args, device, log) -> list[dict]:
+def run_model(name: str, args, device, log, on_row=lambda rows: None) -> list[dict]:
     from lsdtool import distillation, recipes
     from lsdtool.models import load
     from lsdtool.samplers import Sampler
@@ -58,6 +58,7 @@ def run_model(name: str, args, device, log) -> list[dict]:
     def add(row, sampler):
         res = evaluate(model, sampler, args.n, args.seeds, device, args.batch)
         out.append({"model": name, **row, **res})
+        on_row(out)
         log(f"{name} {row['sampler']} NFE {row['nfe']}: error {res['error']:.4f} ± {res['error_se']:.4f} "
             f"(per seed {', '.join(f'{e:.4f}' for e in res['error_per_seed'])})")
 
@@ -128,22 +129,29 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     rows = []
-    for name in args.models:
-        rows += run_model(name, args, device, log)
-    wall = time.perf_counter() - start
-    protocol = {"n": args.n, "seeds": args.seeds, "device": str(device), "threads": torch.get_num_threads(),
+
+    def protocol_now():
+        return {"n": args.n, "seeds": args.seeds, "device": str(device), "threads": torch.get_num_threads(),
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                "wall_seconds": round(wall, 1), "load_average": os.getloadavg(), "torch": torch.__version__,
+                "wall_seconds": round(time.perf_counter() - start, 1), "load_average": os.getloadavg(), "torch": torch.__version__,
                 "metric": "countdown error (JYS), mean ± s.e. over n x seeds samples",
                 "recipes": "shipped (recipes/<model>.toml), objective/plus/steps overridden per row"}
+
+    def write_json(done: list[dict]):  # after every row, so a run cut short keeps what it measured
+        if args.json:
+            from lsdtool.fileio import write_bytes
+
+            write_bytes(args.json, (json.dumps({"protocol": protocol_now(), "rows": done}, indent=1) + "\n").encode())
+
+    for name in args.models:
+        rows += run_model(name, args, device, log, on_row=lambda out: write_json(rows + out))
+    protocol = protocol_now()
+    wall = protocol["wall_seconds"]
     print(f"n = {args.n} per seed, seeds {args.seeds}, device {device}"
           f"{' (' + protocol['gpu'] + ')' if protocol['gpu'] else ''}, {protocol['threads']} threads, "
           f"wall {wall:.0f} s, load average {' '.join(f'{v:.2f}' for v in protocol['load_average'])}\n")
     print(table(rows, args.models))
-    if args.json:
-        from lsdtool.fileio import write_bytes
-
-        write_bytes(args.json, (json.dumps({"protocol": protocol, "rows": rows}, indent=1) + "\n").encode())
+    write_json(rows)
     return 0
 
 

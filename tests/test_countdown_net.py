@@ -12,7 +12,7 @@ from lsdtool.diffusion.score_entropy import absorb_corrupt, absorb_loss, absorb_
 from lsdtool.models.locate import EMBEDDED_DIR, file_digest
 
 SHIPPED = EMBEDDED_DIR / "countdown-net"
-PARAMETERS = 485_665  # hidden 96, 3 blocks, 4 heads, cond 64 (benchmarks/train_countdown_net.py)
+PARAMETERS = 1_035_553  # hidden 128, 4 blocks, 4 heads, cond 64 (benchmarks/train_countdown_net.py)
 
 
 def run(*args):
