@@ -28,6 +28,7 @@ from lsdtool.sharding import shard_range
 from lsdtool.samplers import DEFAULT_EPS, Sampler, iterate, step_rows, uniform_grid
 from lsdtool.diffusion import make_graph
 
+_NLL_BLOCK = 1 << 24  # float64 elements (128 MiB) of step probabilities per back-propagated block
 _PAPER_MEMORY = 2 << 30  # bytes of cached teacher mass the paper objective may hold
 _SCORE_MEMORY = 1 << 30  # bytes of model outputs kept between evaluations of the fitting loss
 
@@ -273,20 +274,32 @@ def best_path(cost: torch.Tensor, steps: int) -> list[int]:
     return path[::-1]
 
 
-def interval_nll(rollout: TeacherRollout, a: int, b: int, coeff: torch.Tensor, recipe: dict, final: bool, rows) -> torch.Tensor:
-    """-sum log p_student(x*_b | x*_a) for one student step t_a -> t_b with coefficient ``coeff``
-    (differentiable in coeff), over the samples ``rows``; the model sees the teacher's state."""
+def interval_nll(rollout: TeacherRollout, a: int, b: int, coeff: torch.Tensor, recipe: dict, final: bool, rows,
+                 grad_scale: float | None = None) -> torch.Tensor:
+    """-sum log p_student(x*_b | x*_a) for one student step t_a -> t_b with coefficient ``coeff``, over
+    the samples ``rows``; the model sees the teacher's state. With ``grad_scale`` each block of moving
+    rows back-propagates grad_scale x its NLL into ``coeff`` (a leaf) as it goes and the NLL comes back
+    detached: one block's float64 (rows, V) graph is held at a time, not the whole interval's."""
     model, dev = rollout.model, rollout.device
     graph = make_graph(model.graph, model.vocab_size)
     x = rollout.states[a, rows].to(dev)
     moving = graph.moving(x)
+    total = torch.zeros((), dtype=torch.float64)
     if not moving.any():
-        return torch.zeros((), dtype=torch.float64)
+        return total
     t, s = rollout.times[a].to(dev), rollout.times[b].to(dev)
     ls = rollout.moving_scores(a, rows, moving)
-    probs = step_rows(graph, model.noise, ls, x[moving], t, s, recipe["base"], coeff.to(dev), recipe["mode"], final)
-    target = rollout.states[b, rows].to(dev)[moving]
-    return -torch.log(probs.gather(-1, target[:, None]).clamp_min(1e-300)).sum().cpu()
+    x, target = x[moving], rollout.states[b, rows].to(dev)[moving]
+    block = max(1, _NLL_BLOCK // model.vocab_size)
+    for i in range(0, x.shape[0], block):
+        j = slice(i, i + block)
+        probs = step_rows(graph, model.noise, ls[j], x[j], t, s, recipe["base"], coeff.to(dev), recipe["mode"], final)
+        nll = -torch.log(probs.gather(-1, target[j, None]).clamp_min(1e-300)).sum().cpu()
+        if grad_scale is not None and nll.requires_grad:
+            (nll * grad_scale).backward()
+            nll = nll.detach()
+        total = total + nll
+    return total
 
 
 def fit_coeffs(rollout: TeacherRollout, path: list[int], recipe: dict) -> tuple[torch.Tensor, list, list]:
@@ -298,9 +311,10 @@ def fit_coeffs(rollout: TeacherRollout, path: list[int], recipe: dict) -> tuple[
     steps, n = len(path) - 1, rollout.n_samples
     coeffs, before, after = [], [], []
 
-    def nll(k, phi):
+    def nll(k, phi, grad_scale=None):
         a, b = path[k], path[k + 1]
-        return sum(interval_nll(rollout, a, b, phi, recipe, k == steps - 1, r) for r in _batches(n, recipe["batch"])) / n
+        return sum(interval_nll(rollout, a, b, phi, recipe, k == steps - 1, r, grad_scale)
+                   for r in _batches(n, recipe["batch"])) / n
 
     with progress() as bar:
         task = bar.add_task("fitting coefficients", total=steps)
@@ -311,11 +325,12 @@ def fit_coeffs(rollout: TeacherRollout, path: list[int], recipe: dict) -> tuple[
             log_phi = torch.zeros((), dtype=torch.float64, requires_grad=True)
             opt = torch.optim.LBFGS([log_phi], lr=1.0, max_iter=recipe["iters"], line_search_fn="strong_wolfe")
 
-            def closure():
+            def closure():  # gradients accumulate block by block into Phi, then d/dlog Phi = Phi d/dPhi
                 opt.zero_grad()
-                loss = nll(k, log_phi.exp())
-                if loss.requires_grad:  # else the teacher moves no position here and Phi_k stays 1
-                    loss.backward()
+                phi = log_phi.detach().exp().requires_grad_()
+                loss = nll(k, phi, grad_scale=1 / n)
+                if phi.grad is not None:  # else the teacher moves no position here and Phi_k stays 1
+                    log_phi.grad = phi.grad * phi.detach()
                 return loss
 
             opt.step(closure)

@@ -112,3 +112,24 @@ def test_a_step_where_the_teacher_moves_nothing_keeps_phi_one(countdown):
     coeffs, before, after = distillation.fit_coeffs(rollout, [0, kk // 2, kk - 1], r)
     assert coeffs[1] == 1 and before[1] == after[1] == 0
     assert after[0] <= before[0]
+
+
+def test_fitting_in_row_blocks_gives_the_whole_interval_fit(countdown, monkeypatch):
+    """Back-propagating the NLL block by block (bounded memory on large vocabularies) must give the
+    same loss, gradient and fitted Phi as one graph over all moving rows."""
+    r = recipes.effective("countdown", overrides=dict(SMALL, steps=3, samples=6, batch=3, candidates=8, iters=5,
+                                                      mode="temperature"))
+    rollout = distillation.TeacherRollout(countdown, r, torch.device("cpu"))
+    path = rollout.uniform_path(3)
+    whole = distillation.fit_coeffs(rollout, path, r)
+    phi = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    one_graph = distillation.interval_nll(rollout, path[0], path[1], phi, r, False, slice(0, 3))
+    one_graph.backward()
+    monkeypatch.setattr(distillation, "_NLL_BLOCK", 7 * countdown.vocab_size)  # 7 rows a block
+    leaf = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    blocked = distillation.interval_nll(rollout, path[0], path[1], leaf, r, False, slice(0, 3), grad_scale=1.0)
+    assert not blocked.requires_grad and blocked.item() == pytest.approx(one_graph.item(), rel=1e-12)
+    assert leaf.grad.item() == pytest.approx(phi.grad.item(), rel=1e-9) and phi.grad.item() != 0
+    in_blocks = distillation.fit_coeffs(rollout, path, r)
+    assert torch.allclose(in_blocks[0], whole[0], rtol=1e-9) and not torch.equal(whole[0], torch.ones(3, dtype=torch.float64))
+    assert in_blocks[2] == pytest.approx(whole[2], rel=1e-9)
