@@ -140,3 +140,40 @@ def test_lsd_plus_distils_and_samples_on_countdown_net(tmp_path):
     assert sampled.exit_code == 0, sampled.output
     x = torch.tensor([[int(v) for v in line.split()] for line in sampled.stdout.splitlines()])
     assert x.shape == (3, 256) and 0 <= int(x.min()) and int(x.max()) <= 31
+
+
+# ---- the training script ---------------------------------------------------------------------------
+
+def test_training_is_deterministic_from_its_seed_and_writes_a_loadable_countdown_checkpoint(tmp_path):
+    """benchmarks/train_countdown_net.py at one thread: the same seed gives the same weights bit for bit,
+    another seed other weights; the output is a SEDD checkpoint directory declaring the countdown task."""
+    import importlib.util
+    import pathlib
+
+    from safetensors.torch import load_file
+
+    from lsdtool.models import load
+
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "train_countdown_net.py"
+    spec = importlib.util.spec_from_file_location("train_countdown_net", path)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    threads = torch.get_num_threads()
+
+    def run_training(seed, out):
+        tiny = ["--steps", 3, "--batch", 4, "--hidden", 32, "--blocks", 1, "--heads", 2, "--cond", 16,
+                "--threads", 1, "--eval-every", 0, "--warmup", 1, "--seed", seed, "--out", tmp_path / out]
+        try:
+            assert train.main([str(a) for a in tiny]) == 0
+        finally:
+            torch.set_num_threads(threads)
+        return load_file(str(tmp_path / out / "model.safetensors"))
+
+    first, again, other = run_training(5, "a"), run_training(5, "b"), run_training(6, "c")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+    assert not torch.equal(first["blocks.0.adaLN_modulation.weight"], torch.zeros_like(first["blocks.0.adaLN_modulation.weight"]))
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["task"] == "countdown" and config["model"]["hidden_size"] == 32
+    model = load(str(tmp_path / "a"), offline=True)
+    assert model.task == "countdown" and model.vocab_size == 33 and model.seq_len == 256
