@@ -171,7 +171,9 @@ class TeacherRollout:
                         moving = (step.x == mask).float()[..., None]
                         self.mass[interval, local] += (rate * step.log_score.exp().float() * moving).cpu()
                     bar.advance(task, index.shape[0])
-                self.states[-1, local] = step.x_next.cpu()
+                    last = step.x_next
+                    del step  # the next teacher call must not overlap this step's (B, L, V) scores
+                self.states[-1, local] = last.cpu()
 
     def _run_distributed(self, world, batch: int, collect_mass: bool):
         """This rank's block of :func:`rollout_rows`, then every block gathered on

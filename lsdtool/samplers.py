@@ -597,6 +597,7 @@ def iterate(model, sampler: Sampler, index: torch.Tensor, seed: int, x_init=None
         for step in step_fn(run, k, x):  # a rule may make no call at step k (entropy-bound, all filled)
             yield step
             x = step.x_next
+            del step  # else its (B, L, V) scores stay alive through the next model call
     if sampler.denoise:
         t = ts[m]
         log_score = run.call(x, t)
@@ -613,4 +614,5 @@ def sample(model, sampler: Sampler, index: torch.Tensor, seed: int, x_init=None,
             if callback is not None:
                 callback(step)
             x = step.x_next
+            del step  # the next model call must not overlap this step's (B, L, V) scores
     return x
