@@ -4,9 +4,11 @@ on countdown data (DESIGN §9) with SEDD's denoising score entropy, and write it
 Deterministic from ``--seed``: initialisation, data, times and masks all come from seeded generators,
 and at ``--threads 1`` two runs give the same weights bit for bit (tested). With more threads the
 backward pass's parallel reductions round differently from run to run: the losses agree, the weights
-differ in their last bits (at most 3e-5 after 20 steps at two threads). Each step draws fresh countdown sequences, t ~ U[eps, 1], masks each token
-with probability 1 - e^{-sigma_bar(t)} and minimises sigma'(t) x score entropy (summed over positions,
-mean over the batch); AdamW with a linear warm-up and cosine decay, gradient clipping at 1, and an
+differ in their last bits (at most 3e-5 after 20 steps at two threads).
+
+Each step draws fresh countdown sequences, t ~ U[eps, 1], masks each token with probability
+1 - e^{-sigma_bar(t)} and minimises sigma'(t) x score entropy (summed over positions, mean over the
+batch); AdamW with a linear warm-up and cosine decay, gradient clipping at 1, and an
 exponential moving average of the weights, which is what gets written (float16 safetensors; the
 loader restores float32).
 
