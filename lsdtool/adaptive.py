@@ -35,7 +35,8 @@ from typing import Iterator
 import torch
 
 from lsdtool import rng
-from lsdtool.samplers import _CHUNK_ELEMS, Step, advance, count_schedule
+from lsdtool.kernels import _CHUNK_ELEMS, Categorical, CommitByScore
+from lsdtool.samplers import Step, advance, count_schedule
 
 DEFAULT_GAMMA = 0.1  # diffusers' EntropyBoundScheduler default
 _BISECT = 60  # bisection steps of the masked-fraction -> time map (float64 resolution)
@@ -51,12 +52,18 @@ def sharpness(run, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def candidate_rows(graph, noise, log_score: torch.Tensor, x: torch.Tensor, a) -> torch.Tensor:
     """Candidate probabilities over real tokens (R, V-1) float64 for masked rows: softmax(a * log_score[:, :-1]).
 
-    The step-rule signature of :func:`lsdtool.samplers.advance`; x is unused (every row is masked)."""
+    A row function of a :class:`lsdtool.kernels.Categorical` (canonical layout: the mask last); x is unused
+    (every row is masked)."""
     return torch.softmax(a * log_score[:, :-1].to(torch.float64), -1)
 
 
-def row_scores(log_score: torch.Tensor, where: torch.Tensor, a, kind: str, cand: torch.Tensor | None = None) -> torch.Tensor:
-    """A figure of p = softmax(a * log_score[..., :-1]) per position, (B, L) float64 at the ``where``
+def candidates(a) -> CommitByScore:
+    """The kernel of the confidence rules: a candidate ~ softmax(a * log s) over the real tokens at every masked row."""
+    return CommitByScore(Categorical(candidate_rows, (a,)))
+
+
+def row_scores(graph, log_score: torch.Tensor, where: torch.Tensor, a, kind: str, cand: torch.Tensor | None = None) -> torch.Tensor:
+    """A figure of p = softmax(a * log_score) over the real tokens of ``graph`` per position, (B, L) float64 at the ``where``
     positions (NaN elsewhere), computed in row chunks: ``entropy`` -sum p log p, ``probability``
     p(cand) for the candidates cand (B, L), ``margin`` top-1 minus top-2 probability."""
     v = log_score.shape[-1]
@@ -66,12 +73,12 @@ def row_scores(log_score: torch.Tensor, where: torch.Tensor, a, kind: str, cand:
     chunk = max(1, _CHUNK_ELEMS // v)
     for start in range(0, idx.numel(), chunk):
         rows = idx[start : start + chunk]
-        lp = torch.log_softmax(a * flat[rows, :-1].detach().to(torch.float64), -1)
+        lp = torch.log_softmax(a * graph.real_columns(flat[rows]).detach().to(torch.float64), -1)
         if kind == "entropy":
             p = lp.exp()
             out[rows] = -torch.where(p > 0, p * lp, torch.zeros_like(p)).sum(-1)
         elif kind == "probability":
-            out[rows] = lp.gather(-1, cand.reshape(-1)[rows, None]).squeeze(-1).exp()
+            out[rows] = lp.gather(-1, graph.real_index(cand.reshape(-1)[rows, None])).squeeze(-1).exp()
         elif kind == "margin":
             top = lp.topk(2, -1).values.exp()
             out[rows] = top[:, 0] - top[:, 1]
@@ -147,9 +154,9 @@ def confidence_step(run, k: int, x: torch.Tensor) -> Iterator[Step]:
     still = run.moving_masks(x)
     n_k = (still.sum(-1) - run.state["left"][:, k + 1]).clamp_min(0)
     a, a_draw = sharpness(run, k)
-    cand = advance(model, candidate_rows, log_score, x, (run.seed, run.index, k), ~still, a_draw)
+    cand = advance(model, candidates(a_draw).candidates, log_score, x, (run.seed, run.index, k), ~still)
     kind = sampler.options.get("score", "probability")
-    commit = top_n(row_scores(log_score, still, a, kind, cand), still, n_k, run.state["order"])
+    commit = top_n(row_scores(run.graph, log_score, still, a, kind, cand), still, n_k, run.state["order"])
     yield Step(k, t, s, x, log_score, torch.where(commit, cand, x), final)
 
 
@@ -171,8 +178,8 @@ def entropy_bound_step(run, k: int, x: torch.Tensor) -> Iterator[Step]:
     a, a_draw = sharpness(run, k)
     open_ = still[rows]
     gamma = float(sampler.options.get("gamma", DEFAULT_GAMMA))
-    commit = entropy_prefix(row_scores(log_score, open_, a, "entropy"), open_, gamma, last, run.state["order"][rows])
-    x_rows = advance(model, candidate_rows, log_score, x[rows], (run.seed, run.index[rows], k), ~commit, a_draw)
+    commit = entropy_prefix(row_scores(run.graph, log_score, open_, a, "entropy"), open_, gamma, last, run.state["order"][rows])
+    x_rows = advance(model, candidates(a_draw).candidates, log_score, x[rows], (run.seed, run.index[rows], k), ~commit)
     x_next = x.clone()
     x_next[rows] = x_rows
     yield Step(k, t, t, x, log_score, x_next, last, rows=rows)

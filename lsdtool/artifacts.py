@@ -32,11 +32,18 @@ REQUIRED_V1 = ("format", "format_version", "model", "model_fingerprint", "graph"
                "steps", "plus", "teacher_steps", "seed", "recipe", "fit", "lsdtool_version", "created")
 
 
+def graph_params(model) -> dict:
+    """The parameters of ``model``'s graph (the mask id of an absorbing graph, ...)."""
+    from lsdtool.diffusion import graph_of
+
+    return graph_of(model).params
+
+
 def model_fields(model) -> dict[str, str]:
     """What an artifact records about the model it was made for (and how to load it again)."""
     return {"model": model.name, "model_fingerprint": model.fingerprint,
-            "model_source": str(getattr(model, "source", model.name)), "graph": model.graph,
-            "noise": model.noise.describe()}
+            "model_source": str(getattr(model, "source", model.name)), "graph": steprules.graph_name(model),
+            "graph_params": json.dumps(graph_params(model), sort_keys=True), "noise": model.noise.describe()}
 
 
 def metadata(model, sampler, recipe: dict, recipe_toml: str, fit: dict) -> dict[str, str]:
@@ -170,8 +177,12 @@ def check_model(meta: dict[str, str], model, path, force: bool = False) -> None:
         if meta["model_fingerprint"] != model.fingerprint and not force:
             raise LsdError(f"{path} was distilled for {meta['model']} ({meta['model_fingerprint']}), not for "
                            f"{model.name} ({model.fingerprint}); pass --force to use it anyway")
-        if meta["graph"] != model.graph:
+        if meta["graph"] != steprules.graph_name(model):
             raise LsdError(f"{path} is for a {meta['graph']} model but {model.name} is {model.graph}")
+        params = graph_params(model)
+        if "graph_params" in meta and json.loads(meta["graph_params"]) != params:
+            raise LsdError(f"{path} is for a {meta['graph']} graph with {meta['graph_params']}, "
+                           f"but {model.name}'s has {json.dumps(params, sort_keys=True)}")
     rule = steprules.rule(meta["base"])
-    if rule.absorbing_only and model.graph != "absorb":
-        raise LsdError(f"{path} uses the {rule.name} step rule, which needs an absorbing model; {model.name} is {model.graph}")
+    if not rule.supports(model):
+        raise LsdError(f"{path} uses the {rule.name} step rule, which needs {rule.requirement()}; {model.name} is {model.graph}")

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lsdtool.errors import LsdError
-from lsdtool import steprules
+from lsdtool import distillation, jys, steprules
+from lsdtool.diffusion import graph_of
 from lsdtool.metrics import TextEval
 from lsdtool.samplers import DEFAULT_EPS, Sampler, power_grid
 
@@ -145,7 +146,7 @@ def lsd_overrides(name: str, steps: int, teacher_steps: int | None) -> dict:
 def steps_for(name: str, nfe: int) -> int:
     """Steps that spend ``nfe`` model calls, or :class:`Skip` (entropy-bound: the column, not its cap)."""
     head = name.split(":")[0]
-    calls = steprules.RULES[head].calls if head in steprules.RULES else 1
+    calls = steprules.RULES[head].calls_per_step() if head in steprules.RULES else 1
     if nfe % calls:
         raise Skip(f"{name} makes {calls} model calls per step; NFE {nfe} is not a multiple of {calls}")
     if name == "jys" and nfe & (nfe - 1):
@@ -233,8 +234,8 @@ def cell_sampler(ctx: CompareSettings, name: str, nfe: int, jys_cache: dict) -> 
     model = ctx.model
     steps = steps_for(name, nfe)
     head = name.split(":")[0]
-    if head in steprules.RULES and steprules.RULES[head].absorbing_only and model.graph != "absorb":
-        raise Skip(f"{head} needs an absorbing model; {model.name} is {model.graph}")
+    if head in steprules.RULES and not steprules.RULES[head].supports(model):
+        raise Skip(f"{head} needs {steprules.RULES[head].requirement()}; {model.name} is {model.graph}")
     if head in ADAPTIVE:
         return _tune_gamma(ctx, nfe, jys_cache.setdefault("_gamma", {}))
     if head in PLAIN:
@@ -251,9 +252,7 @@ def cell_sampler(ctx: CompareSettings, name: str, nfe: int, jys_cache: dict) -> 
         return make(best), info
     if head == "jys":
         if steps not in jys_cache:
-            from lsdtool import jys
-
-            if model.graph != "absorb":
+            if not jys.supports(model):
                 raise Skip(f"jys is implemented for absorbing models; {model.name} is {model.graph}")
             wanted = sorted(s for s in jys_cache.get("_wanted", [steps]) if s not in jys_cache)
             found = jys.load_or_search(model, wanted, cache_dir=ctx.cache_dir, data=ctx.data, n=ctx.jys_samples,
@@ -264,16 +263,18 @@ def cell_sampler(ctx: CompareSettings, name: str, nfe: int, jys_cache: dict) -> 
         return sampler, {"artifact": str(path)}
     from lsdtool import cache
 
-    if model.graph != "absorb" and ":paper" in name:
-        raise Skip("the paper objective is implemented for absorbing models")
+    objective = lsd_overrides(name, steps, None).get("objective")
+    problem = objective and distillation.objective_problem(objective, model)
+    if problem:
+        raise Skip(problem)
     sampler = cache.load_or_distill(model, lsd_overrides(name, steps, ctx.teacher_steps), cache_dir=ctx.cache_dir,
                                     device=ctx.device, recipe_file=ctx.recipe_file, log=ctx.log)
     if sampler.nfe != nfe:
         raise Skip(f"{name} artifact {sampler.path} spends {sampler.nfe} model calls, not {nfe}")
     path = sampler.path
     if "confidence" in name.split(":")[1:]:
-        if model.graph != "absorb":
-            raise Skip(f"confidence needs an absorbing model; {model.name} is {model.graph}")
+        if not steprules.rule("confidence").supports(model):
+            raise Skip(f"confidence needs {steprules.rule('confidence').requirement()}; {model.name} is {model.graph}")
         sampler = Sampler(sampler.timesteps, sampler.coeffs, "confidence", sampler.mode, meta=sampler.meta)
     return sampler, {"artifact": str(path)}
 
@@ -365,7 +366,7 @@ def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: in
     if n < 1:
         raise LsdError("-n must be at least 1")
     if any(name == "jys" for name in names) and not data and getattr(model, "task", None) != "countdown" \
-            and model.graph == "absorb":
+            and jys.supports(model):
         raise LsdError(f"jys needs clean data for {model.name}: pass --data FILE (jsonl of token ids)")
     evaluator = evaluator or make_evaluator(model, None, dev, metric=metric)
     ctx = CompareSettings(model, n, seed, batch_size, dev, evaluator, cache_dir, teacher_steps, data, jys_samples,
@@ -390,7 +391,7 @@ def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: in
         _log_row(ctx, rows[-1])
     notes += _notes(model, names, rows, skipped, ctx)
     protocol = {
-        "model": model.name, "model_fingerprint": model.fingerprint, "graph": model.graph, "noise": model.noise.describe(),
+        "model": model.name, "model_fingerprint": model.fingerprint, "graph": str(model.graph), "noise": model.noise.describe(),
         "n": n, "seed": seed, "sample_indices": f"0..{n - 1}", "teacher_steps": n_teacher, "teacher_sampler": "euler",
         "nfe": nfes, "samplers": names, "metric": evaluator.primary, "eval_model": evaluator.name,
         "diversity": {"key": evaluator.diversity[0], "label": evaluator.diversity[1]},
@@ -415,7 +416,7 @@ def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: in
 def _notes(model, names, rows, skipped, ctx) -> list[str]:
     notes = []
     plain_heads = {n.split(":")[0] for n in names}
-    if {"euler", "tweedie"} <= plain_heads and model.graph == "absorb" and model.noise.name == "loglinear":
+    if {"euler", "tweedie"} <= plain_heads and graph_of(model).absorbing and model.noise.name == "loglinear":
         notes.append("tweedie ≡ euler for absorb + loglinear (identical step probabilities; the rows match up to "
                      "floating-point ties)")
     if "theta-trapezoidal" in plain_heads:

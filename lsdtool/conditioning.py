@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lsdtool.diffusion import graph_of
 from lsdtool.errors import LsdError
 from lsdtool.samplers import start_state
 
@@ -55,11 +56,19 @@ def _ids(model, value, what: str) -> list[int]:
         ids = value
     else:
         raise LsdError(f"{what} must be a string or a list of token ids")
-    n_real = model.vocab_size - (model.graph == "absorb")
-    bad = next((v for v in ids if not 0 <= v < n_real), None)
+    mask = graph_of(model).mask_id
+    bad = next((v for v in ids if not 0 <= v < model.vocab_size or v == mask), None)
     if bad is not None:
-        raise LsdError(f"{what} holds token id {bad}, outside the model's tokens 0..{n_real - 1}")
+        where = "the mask" if bad == mask else "outside the vocabulary"
+        raise LsdError(f"{what} holds token id {bad}, {where}: the model's tokens are {_token_range(model.vocab_size, mask)}")
     return list(ids)
+
+
+def _token_range(vocab_size: int, mask: int | None) -> str:
+    """The real token ids as text: "0..31", or "0..9 and 11..15" around a mask in the middle."""
+    if mask is None or mask == vocab_size - 1:
+        return f"0..{vocab_size - 1 - (mask is not None)}"
+    return f"0..{mask - 1} and {mask + 1}..{vocab_size - 1}"
 
 
 def _row(model, prefix, suffix, where: str) -> torch.Tensor:

@@ -25,8 +25,9 @@ import torch
 from lsdtool import recipes, rng
 from lsdtool.errors import LsdError
 from lsdtool.sharding import shard_range
+from lsdtool.diffusion import graph_of
+from lsdtool.kernels import Categorical
 from lsdtool.samplers import DEFAULT_EPS, Sampler, iterate, step_rows, uniform_grid
-from lsdtool.diffusion import make_graph
 
 _NLL_BLOCK = 1 << 24  # float64 elements (128 MiB) of step probabilities per back-propagated block
 _PAPER_MEMORY = 2 << 30  # bytes of cached teacher mass the paper objective may hold
@@ -47,8 +48,9 @@ def distill(model, recipe: dict, device=None, world=None) -> FitResult | None:
 
     recipe = recipes.complete(recipe)
     dev = pick_device(device)
-    if recipe["objective"] == "paper" and model.graph != "absorb":
-        raise LsdError("the paper objective is implemented for absorbing models; use objective = \"teacher-path\"")
+    problem = objective_problem(recipe["objective"], model)
+    if problem:
+        raise LsdError(f"{problem}; use objective = \"teacher-path\"")
     if hasattr(model, "to"):
         model.to(dev)
     start = time.time()
@@ -67,6 +69,14 @@ def distill(model, recipe: dict, device=None, world=None) -> FitResult | None:
                     "rollout_seconds": round(rolled - start, 2), "ranks": world.size if world is not None else 1})
     fit.sampler.check()
     return fit
+
+
+def objective_problem(objective: str, model) -> str | None:
+    """Why ``objective`` cannot fit a sampler for ``model`` (the paper objective compares scores at masked
+    rows, so it needs a graph with a mask), or None."""
+    if objective == "paper" and not graph_of(model).absorbing:
+        return "the paper objective is implemented for absorbing models"
+    return None
 
 
 class TeacherRollout:
@@ -89,7 +99,8 @@ class TeacherRollout:
         # student grid is among them, so "before" is measured on the same footing
         self.candidates = torch.unique(torch.cat([cands, self._uniform_steps(recipe["steps"])]))
         self.times = self.teacher.timesteps[self.candidates]  # (K+1,) float64
-        self.absorbing = model.graph == "absorb"
+        self.graph = graph_of(model)
+        self.absorbing = self.graph.absorbing
         self._scores: dict[tuple, torch.Tensor] = {}
         self._score_bytes = 0
         if world is None:
@@ -147,7 +158,7 @@ class TeacherRollout:
         self.states = torch.empty(len(self.candidates), n, l, dtype=torch.long)
         self.reveal_step = torch.full((n, l), self.n_steps - 1, dtype=torch.long)
         self.reveal_logp = torch.zeros(n, l, dtype=torch.float64)
-        mask = model.vocab_size - 1
+        graph = self.graph
         with progress() as bar, torch.no_grad():
             task = bar.add_task("teacher rollout", total=n * self.n_steps, visible=visible)
             for b0 in range(rows.start, rows.stop, batch):
@@ -160,15 +171,15 @@ class TeacherRollout:
                     while step.k >= cands[interval + 1]:
                         interval += 1
                     if self.absorbing:
-                        revealed = (step.x == mask) & (step.x_next != mask)
+                        revealed = graph.moving(step.x) & ~graph.moving(step.x_next)
                         if revealed.any():
-                            logp = _token_logp(step.log_score, step.x_next, revealed)
+                            logp = _token_logp(graph, step.log_score, step.x_next, revealed)
                             rev = revealed.cpu()
                             self.reveal_step[local][rev] = step.k  # a slice of rows is a view: writes land
                             self.reveal_logp[local][rev] = logp.cpu()
                     if self.mass is not None:
                         rate = float((step.t - step.s) * model.noise.rate(step.t))
-                        moving = (step.x == mask).float()[..., None]
+                        moving = graph.moving(step.x).float()[..., None]
                         self.mass[interval, local] += (rate * step.log_score.exp().float() * moving).cpu()
                     bar.advance(task, index.shape[0])
                     last = step.x_next
@@ -205,10 +216,10 @@ def rollout_rows(n: int, batch: int, rank: int, size: int) -> range:
     return range(block.start * batch, min(n, block.stop * batch))
 
 
-def _token_logp(log_score, tokens, rows):
+def _token_logp(graph, log_score, tokens, rows):
     """log p(token | x) at the selected masked rows: log-softmax of the score over real tokens; -> (R,)."""
-    ls = log_score[rows][:, :-1]
-    picked = ls.gather(-1, tokens[rows][:, None]).squeeze(-1).double()
+    ls = graph.real_columns(log_score[rows])
+    picked = ls.gather(-1, graph.real_index(tokens[rows])[:, None]).squeeze(-1).double()
     return picked - torch.logsumexp(ls.double(), -1)  # no (R, V) log-softmax copy
 
 
@@ -227,17 +238,17 @@ def decoding_costs(rollout: TeacherRollout, batch: int) -> torch.Tensor:
     model, cands, kk = rollout.model, rollout.candidates, len(rollout.candidates)
     bins = torch.searchsorted(cands, rollout.reveal_step, right=True) - 1  # (S, L) candidate interval of each reveal
     per_bin = torch.zeros(kk, kk, dtype=torch.float64)  # [a, j]: sum over tokens revealed in bin j of lp_reveal - lp_a
-    mask = model.vocab_size - 1
+    graph = rollout.graph
     with torch.no_grad():
         for a in range(kk - 1):
             t = rollout.times[a].to(torch.float32)
             for rows in _batches(rollout.n_samples, batch):
                 x = rollout.states[a, rows].to(rollout.device)
-                masked = x == mask
+                masked = graph.moving(x)
                 if not masked.any():
                     continue
                 ls = model.log_score(x, t.to(rollout.device).expand(x.shape[0]))
-                lp_a = _token_logp(ls, rollout.final[rows].to(rollout.device), masked).cpu()
+                lp_a = _token_logp(graph, ls, rollout.final[rows].to(rollout.device), masked).cpu()
                 gain = rollout.reveal_logp[rows][masked.cpu()] - lp_a
                 per_bin[a].index_add_(0, bins[rows][masked.cpu()], gain)
     cost = torch.full((kk, kk), math.inf, dtype=torch.float64)
@@ -283,7 +294,7 @@ def interval_nll(rollout: TeacherRollout, a: int, b: int, coeff: torch.Tensor, r
     rows back-propagates grad_scale x its NLL into ``coeff`` (a leaf) as it goes and the NLL comes back
     detached: one block's float64 (rows, V) graph is held at a time, not the whole interval's."""
     model, dev = rollout.model, rollout.device
-    graph = make_graph(model.graph, model.vocab_size)
+    graph = rollout.graph
     x = rollout.states[a, rows].to(dev)
     moving = graph.moving(x)
     total = torch.zeros((), dtype=torch.float64)
@@ -291,12 +302,14 @@ def interval_nll(rollout: TeacherRollout, a: int, b: int, coeff: torch.Tensor, r
         return total
     t, s = rollout.times[a].to(dev), rollout.times[b].to(dev)
     ls = rollout.moving_scores(a, rows, moving)
-    x, target = x[moving], rollout.states[b, rows].to(dev)[moving]
+    x, target = graph.to_canonical(x[moving]), graph.to_canonical(rollout.states[b, rows].to(dev)[moving])
+    kernel = Categorical(step_rows, (t, s, recipe["base"], coeff.to(dev), recipe["mode"], final))
+    canon = graph.canonical_graph()
     block = max(1, _NLL_BLOCK // model.vocab_size)
     for i in range(0, x.shape[0], block):
         j = slice(i, i + block)
-        probs = step_rows(graph, model.noise, ls[j], x[j], t, s, recipe["base"], coeff.to(dev), recipe["mode"], final)
-        nll = -torch.log(probs.gather(-1, target[j, None]).clamp_min(1e-300)).sum().cpu()
+        ls_j = graph.canonical_scores(ls[j])
+        nll = -kernel.log_prob(canon, model.noise, ls_j, x[j], target[j]).sum().cpu()
         if grad_scale is not None and nll.requires_grad:
             (nll * grad_scale).backward()
             nll = nll.detach()
@@ -391,7 +404,7 @@ def _relaxed_start(rollout: TeacherRollout, rows: slice, recipe: dict, it: int) 
         fill = rollout.final[rows].gather(1, chosen)
     else:
         v = rng.uniforms(recipe["seed"] + it, rng.STREAM_FIT, index, 1, n_fill)
-        fill = (v * (rollout.model.vocab_size - 1)).long()
+        fill = rollout.graph.real_token((v * rollout.graph.n_real).long())
     return x.scatter(1, chosen, fill)
 
 
@@ -414,7 +427,7 @@ def fit_paper(rollout: TeacherRollout, recipe: dict) -> FitResult:
     params = [log_phi] + ([logits] if recipe["plus"] else [])
     opt = torch.optim.Adam(params, lr=recipe["lr"])
     history = []
-    mask = model.vocab_size - 1
+    graph = rollout.graph
     cand_t = rollout.times.to(torch.float64)
     with progress() as bar:
         task = bar.add_task("fitting (paper objective)", total=recipe["iters"])
@@ -429,16 +442,16 @@ def fit_paper(rollout: TeacherRollout, recipe: dict) -> FitResult:
                 k = step.k
                 c = int(torch.argmin((cand_t - taus[k].detach()).abs()))  # the teacher's state nearest the student time
                 xt = rollout.states[c, rows].to(dev)
-                both = (step.x == mask) & (xt == mask)
+                both = graph.moving(step.x) & graph.moving(xt)
                 if not both.any():
                     continue
                 with torch.no_grad():
-                    target = model.log_score(xt, taus[k].detach().float().expand(xt.shape[0]))[both][:, :-1].double().exp()
-                ls = step.log_score[both][:, :-1].double()
+                    target = graph.real_columns(model.log_score(xt, taus[k].detach().float().expand(xt.shape[0]))[both]).double().exp()
+                ls = graph.real_columns(step.log_score[both]).double()
                 loss = paper_score_loss(ls, target, log_phi[k].exp(), recipe["mode"])
                 if rollout.mass is not None:
                     c_next = int(torch.argmin((cand_t - taus[k + 1].detach()).abs()))
-                    mass = rollout.mass[c:max(c + 1, c_next), rows].sum(0).to(dev)[both][:, :-1].double()
+                    mass = graph.real_columns(rollout.mass[c:max(c + 1, c_next), rows].sum(0).to(dev)[both]).double()
                     kappa = taus[k] - taus[k + 1]
                     pred = kappa * model.noise.rate(taus[k]) * ls.exp()
                     loss = loss + ((pred - mass) ** 2).mean() / (mass**2).mean().clamp_min(1e-30)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from lsdtool import rng
+from lsdtool.diffusion import graph_of
 from lsdtool.errors import LsdError
 from lsdtool.samplers import DEFAULT_EPS, Sampler
 
@@ -37,6 +38,11 @@ FORMS = ("released", "poisson")
 GOLDEN = 1.618
 _CACHE_ELEMS = 1 << 26  # keep the start-of-interval log rates in memory below this many elements
 VERSION = "1"
+
+
+def supports(model) -> bool:
+    """Jump-Your-Steps' KLUB is the absorbing graph's: it needs a model whose graph has a mask."""
+    return graph_of(model).absorbing
 
 
 def golden_section(f, a: float, c: float, err: float, max_iter: int = 32) -> tuple[float, dict[float, float]]:
@@ -66,8 +72,9 @@ class Klub:
     """The KLUB drop of inserting t2 into (t1, t3), estimated on clean data ``x0`` (n, L)."""
 
     def __init__(self, model, x0: torch.Tensor, seed: int, batch_size: int = 256, form: str = "released"):
-        if model.graph != "absorb":
+        if not supports(model):
             raise LsdError(f"Jump-Your-Steps is implemented here for absorbing models; {model.name} is {model.graph}")
+        self.graph = graph_of(model)
         if form not in FORMS:
             raise ValueError(f"unknown KLUB form {form!r} (expected one of {', '.join(FORMS)})")
         self.model, self.form, self.batch_size = model, form, batch_size
@@ -80,13 +87,13 @@ class Klub:
 
     def noised(self, rows: slice, t: float) -> torch.Tensor:
         p = -math.expm1(-float(self.model.noise.total(torch.tensor(t, dtype=torch.float64))))
-        return torch.where(self.u[rows] < p, self.model.vocab_size - 1, self.x0[rows])
+        return torch.where(self.u[rows] < p, self.graph.mask_id, self.x0[rows])
 
     def log_rates(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """log R(x, t) to the real tokens (B, L, V-1) float64; meaningful at masked rows only."""
         tt = torch.full((x.shape[0],), t, dtype=torch.float32, device=self.device)
         with torch.no_grad():
-            ls = self.model.log_score(x.to(self.device), tt).to(torch.float64)[..., :-1]
+            ls = self.graph.real_columns(self.model.log_score(x.to(self.device), tt)).to(torch.float64)
         self.calls += 1
         rate = float(self.model.noise.rate(torch.tensor(t, dtype=torch.float64)))
         return (ls + math.log(rate)).cpu()
@@ -100,7 +107,7 @@ class Klub:
         if self._start is not None and self._start[0] == t1:
             return self._start[1]
         batches = self._batches()
-        keep = self.x0.numel() * (self.model.vocab_size - 1) <= _CACHE_ELEMS
+        keep = self.x0.numel() * self.graph.n_real <= _CACHE_ELEMS
         rates = [self.log_rates(self.noised(r, t1), t1) if keep else None for r in batches]
         self._start = (t1, rates)
         return rates
@@ -108,7 +115,7 @@ class Klub:
     def __call__(self, t1: float, t2: float, t3: float) -> float:
         total = 0.0
         start = self.start_rates(t1)
-        mask = self.model.vocab_size - 1
+        mask = self.graph.mask_id
         for rows, lr1 in zip(self._batches(), start):
             if lr1 is None:
                 lr1 = self.log_rates(self.noised(rows, t1), t1)
@@ -213,8 +220,9 @@ def clean_data(model, data: str | None, n: int, seed: int) -> tuple[torch.Tensor
         desc = "countdown.generate"
     else:
         raise LsdError(f"Jump-Your-Steps needs clean data for {model.name}: pass --data FILE (jsonl of token ids)")
-    if int(x0.max()) >= model.vocab_size - 1 or int(x0.min()) < 0:
-        raise LsdError(f"data token ids must lie in 0..{model.vocab_size - 2} for {model.name}")
+    graph = graph_of(model)
+    if int(x0.max()) >= model.vocab_size or int(x0.min()) < 0 or bool((x0 == graph.mask_id).any()):
+        raise LsdError(f"data token ids must be real tokens of {model.name}: 0..{model.vocab_size - 1} except the mask {graph.mask_id}")
     return x0, desc
 
 

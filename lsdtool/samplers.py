@@ -29,7 +29,6 @@ only the rows that move get a float64 CDF: the same token as the full-row draw f
 
 from __future__ import annotations
 
-import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +38,13 @@ import torch
 import torch.nn.functional as F
 
 from lsdtool import artifacts, rng, steprules
-from lsdtool.diffusion import Graph, Noise, make_graph
+from lsdtool.diffusion import Graph, Noise, graph_of
+from lsdtool.kernels import (_CHUNK_ELEMS, Categorical, Kernel, MaskedCategorical, _chunk_elems, denoise_kernel,
+                             draw, masked_kernel, normalise)
 from lsdtool.grids import grid_problem, options_problem
 
 THETA = 0.5  # theta of the theta-trapezoidal rule
 DEFAULT_EPS = 1e-5
-_CHUNK_ELEMS = 1 << 24  # float64 elements per row chunk: bounds memory for V = 50k vocabularies
 
 
 def uniform_grid(steps: int, t_max: float = 1.0, eps: float = DEFAULT_EPS) -> torch.Tensor:
@@ -113,7 +113,7 @@ class Sampler:
     def nfe(self) -> int:
         """Model calls: every step's calls (two for two-stage rules) plus the optional denoise call (for
         entropy-bound the most a sample can make; it stops once its masks are filled)."""
-        return self.steps * steprules.rule(self.base).calls + int(self.denoise)
+        return self.steps * steprules.rule(self.base).calls_per_step(self.options) + int(self.denoise)
 
     def check(self) -> None:
         """Raise ValueError unless the grid and coefficients describe a valid sampler."""
@@ -143,11 +143,6 @@ def scaled_score(log_score: torch.Tensor, x: torch.Tensor, coeff: torch.Tensor, 
     return score.scatter(-1, x[:, None], 1.0)
 
 
-def _normalise(p: torch.Tensor) -> torch.Tensor:
-    p = p.clamp_min(0.0)
-    return p / p.sum(-1, keepdim=True).clamp_min(1e-300)
-
-
 def _masked_rows(noise: Noise, log_score, t, s, base, coeff, mode, final):
     """Euler and Tweedie on masked rows of an absorbing model in closed form: p_y = c Phi s_y (y < M),
     p_M = 1 - c sum_y Phi s_y, with c = (t - s) sigma'(t) (Euler) or e^{dsigma} - 1 (Tweedie). The
@@ -155,10 +150,10 @@ def _masked_rows(noise: Noise, log_score, t, s, base, coeff, mode, final):
     ls = log_score[:, :-1].to(torch.float64)
     score = torch.exp(ls * coeff[:, None]) if mode == "temperature" else torch.exp(ls) * coeff[:, None]
     if final:
-        return _normalise(score)
+        return normalise(score)
     c = (t - s) * noise.rate(t) if base == "euler" else torch.expm1(noise.total(t) - noise.total(s))
     jump = c[:, None] * score
-    return _normalise(torch.cat([jump, 1 - jump.sum(-1, keepdim=True)], -1))
+    return normalise(torch.cat([jump, 1 - jump.sum(-1, keepdim=True)], -1))
 
 
 def step_rows(graph: Graph, noise: Noise, log_score, x, t, s, base="euler", coeff=1.0, mode="score", final=False):
@@ -168,15 +163,15 @@ def step_rows(graph: Graph, noise: Noise, log_score, x, t, s, base="euler", coef
     """
     n = x.shape[0]
     t, s, coeff = _as_rows(t, n, x), _as_rows(s, n, x), _as_rows(coeff, n, x)
-    if graph.absorbing and base in ("euler", "tweedie") and bool((x == graph.vocab_size - 1).all()):
+    if graph.absorbing and base in ("euler", "tweedie") and bool((x == graph.mask_id).all()):
         return _masked_rows(noise, log_score, t, s, base, coeff, mode, final)
     score = scaled_score(log_score, x, coeff, mode)
     if base == "count":  # the model's distribution over real tokens (mask dropped): used on the chosen rows only
         if not graph.absorbing:
             raise ValueError("the count sampler needs an absorbing model")
-        masked = (x == graph.vocab_size - 1)[:, None]
+        masked = (x == graph.mask_id)[:, None]
         stay = F.one_hot(x.clamp_max(graph.vocab_size - 2), graph.vocab_size - 1).to(torch.float64)
-        return _normalise(torch.where(masked, score[:, :-1], stay))
+        return normalise(torch.where(masked, score[:, :-1], stay))
     if base == "euler":
         dt_rate = (t - s) * noise.rate(t)
         p = F.one_hot(x, graph.vocab_size).to(torch.float64) + dt_rate[:, None] * graph.reverse_rate(x, score)
@@ -187,10 +182,7 @@ def step_rows(graph: Graph, noise: Noise, log_score, x, t, s, base="euler", coef
         raise ValueError(f"unknown base {base!r}")
     if final and graph.absorbing:
         p = p[:, :-1]
-    return _normalise(p)
-
-
-_STEP_ROWS_SIGNATURE = inspect.signature(step_rows)
+    return normalise(p)
 
 
 def denoise_rows(graph: Graph, noise: Noise, log_score, x, t):
@@ -199,7 +191,7 @@ def denoise_rows(graph: Graph, noise: Noise, log_score, x, t):
     sigma = noise.total(_as_rows(t, n, x))
     score = scaled_score(log_score, x, torch.ones(n, dtype=torch.float64, device=x.device), "score")
     p = graph.staggered_score(score, sigma) * graph.transp_transition(x, sigma)
-    return _normalise(p[:, :-1] if graph.absorbing else p)
+    return normalise(p[:, :-1] if graph.absorbing else p)
 
 
 def trapezoidal_alphas(theta: float = THETA) -> tuple[float, float]:
@@ -225,8 +217,8 @@ def tau_leap_probs(graph: Graph, intensity: torch.Tensor, x: torch.Tensor, final
     jump = -torch.expm1(-total) / total.clamp_min(1e-300)
     p = (intensity * jump).scatter(-1, x[:, None], torch.exp(-total))
     if final and graph.absorbing:
-        return _normalise(torch.where(total > 0, intensity, p)[:, :-1])
-    return _normalise(p)
+        return normalise(torch.where(total > 0, intensity, p)[:, :-1])
+    return normalise(p)
 
 
 def tau_leap_rows(graph: Graph, noise: Noise, log_score, x, t, s, coeff=1.0, mode="score", final=False):
@@ -276,14 +268,13 @@ def count_schedule(noise: Noise, timesteps: torch.Tensor, masked: torch.Tensor) 
     return left.cummin(-1).values.to(masked.device)
 
 
-def _graph(model) -> Graph:
-    return make_graph(model.graph, model.vocab_size)
-
-
 def _rows_call(fn, model, log_score, x, *args, **kw):
+    """``fn`` on every position's row, in the canonical layout; (B, L, V') back in the model's layout."""
+    graph = graph_of(model)
     b, l, v = log_score.shape
-    out = fn(_graph(model), model.noise, log_score.reshape(b * l, v), x.reshape(-1), *args, **kw)
-    return out.reshape(b, l, -1)
+    out = fn(graph.canonical_graph(), model.noise, graph.canonical_scores(log_score.reshape(b * l, v)),
+             graph.to_canonical(x.reshape(-1)), *args, **kw)
+    return graph.from_canonical_scores(out).reshape(b, l, -1)
 
 
 def _per_position(v, x: torch.Tensor) -> torch.Tensor:
@@ -305,20 +296,9 @@ def denoise_probs(model, log_score, x, t):
     return _rows_call(denoise_rows, model, log_score, x, _per_position(t, x))
 
 
-def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF categorical draw in float64: probs (R, V), u (R,) uniforms -> (R,) long."""
-    cdf = probs.cumsum(-1)
-    target = (u * cdf[:, -1])[:, None]
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
-
-
 def start_state(model, index: torch.Tensor, seed: int) -> torch.Tensor:
-    """x at t = 1: all mask for absorb, uniform tokens (from the sample's own stream) for uniform; (B, L)."""
-    b, l = index.shape[0], model.seq_len
-    if model.graph == "absorb":
-        return torch.full((b, l), model.vocab_size - 1, dtype=torch.long, device=index.device)
-    u = rng.uniforms(seed, rng.STREAM_START, index, 0, l)
-    return (u * model.vocab_size).long().clamp_max(model.vocab_size - 1)
+    """x at t = 1 (B, L): the graph's start (all mask for absorb, uniform tokens from each sample's own stream)."""
+    return graph_of(model).start_state(index, seed, model.seq_len)
 
 
 @dataclass
@@ -336,136 +316,16 @@ class Step:
     rows: torch.Tensor | None = None  # (R,) the batch rows the model was called for (log_score is (R, L, V)); None: all
 
 
-_GUARD = 1e-4  # relative band around a row's move threshold inside which the float32 row sum is redone in float64
-_BLOCK_ELEMS = 1 << 20  # elements per block of a CPU row pass (at least 16 rows): its exp stays in cache for its sum
-
-
-def _chunk_elems(device: torch.device) -> int:
-    """Row-chunk size in elements: small on CPU (memory), large on a GPU (few kernel launches per step)."""
-    return _CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS * 8
-
-
-def _masked_rule(noise: Noise, rows_fn, args, kw, device):
-    """(scale, coeff, mode, final) when ``rows_fn`` on the masked rows of an absorbing model is the closed
-    form of :func:`_masked_rows`: p_y = scale w_y (y < M) and p_M = 1 - scale sum_y w_y, or w normalised
-    when ``final``, with w = e^{ls} and scale = c Phi (score mode) or w = e^{Phi ls} and scale = c
-    (temperature mode); None when it is not (then :func:`advance` builds full rows).
-
-    The count rule draws w normalised on its chosen rows, and SEDD's denoise step on a masked row is
-    s e^{sigma} (1 - e^{-sigma}), i.e. the score normalised (Phi = 1, score mode)."""
-    one = torch.ones((), dtype=torch.float64, device=device)
-    if rows_fn is denoise_rows:
-        return None, one, "score", True
-    if rows_fn is not step_rows:
-        return None
-    a = _STEP_ROWS_SIGNATURE.bind(None, None, None, None, *args, **kw)
-    a.apply_defaults()
-    a = a.arguments
-    base, mode = a["base"], a["mode"]
-    coeff, t, s = (torch.as_tensor(a[k], dtype=torch.float64, device=device) for k in ("coeff", "t", "s"))
-    if base not in ("euler", "tweedie", "count") or mode not in ("score", "temperature") or max(coeff.numel(), t.numel(), s.numel()) != 1:
-        return None
-    coeff, t, s = coeff.reshape(()), t.reshape(()), s.reshape(())
-    if mode == "score" and not bool(coeff > 0):  # the general rule clamps a non-positive Phi
-        return None
-    if a["final"] or base == "count":
-        return None, coeff, mode, True
-    c = (t - s) * noise.rate(t) if base == "euler" else torch.expm1(noise.total(t) - noise.total(s))
-    return (c * coeff if mode == "score" else c), coeff, mode, False
-
-
-def _weights(ls: torch.Tensor, coeff: torch.Tensor, mode: str, out: torch.Tensor) -> torch.Tensor:
-    """w = e^{ls} (score) or e^{Phi ls} (temperature) into ``out`` (same shape as ls)."""
-    if out.dtype != ls.dtype:  # the product and exp in out's precision
-        out.copy_(ls)
-        return (out.mul_(coeff) if mode == "temperature" else out).exp_()
-    if mode == "temperature":
-        return torch.mul(ls, coeff.to(out.dtype), out=out).exp_()
-    return torch.exp(ls, out=out)
-
-
-def _row_blocks(rows: torch.Tensor, width: int):
-    """Slices of ``rows`` small enough for one cache-sized pass (the whole of them on a GPU)."""
-    n = rows.numel()
-    size = max(16, _BLOCK_ELEMS // width) if rows.device.type == "cpu" else max(1, _chunk_elems(rows.device) // width)
-    return [slice(b, min(n, b + size)) for b in range(0, n, size)]
-
-
-def _gather(real: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
-    """real[rows] without a copy when the rows are consecutive (checked on CPU only: on a GPU the check
-    would wait for the device), else gathered into ``buf``."""
-    n = rows.numel()
-    if rows.device.type == "cpu":
-        first = int(rows[0])
-        if int(rows[-1]) - first + 1 == n:
-            return real[first : first + n]
-    return torch.index_select(real, 0, rows, out=buf[:n])
-
-
-def _row_sums(real: torch.Tensor, rows: torch.Tensor, coeff, mode: str, dtype) -> torch.Tensor:
-    """sum_y w_y (R,) float64 over the real tokens of ``rows``, the exp and sum computed in ``dtype``."""
-    width = real.shape[1]
-    out = torch.empty(rows.numel(), dtype=torch.float64, device=real.device)
-    blocks = _row_blocks(rows, width)
-    gather = torch.empty(blocks[0].stop, width, dtype=real.dtype, device=real.device)
-    work = gather if dtype == real.dtype else torch.empty(blocks[0].stop, width, dtype=dtype, device=real.device)
-    for b in blocks:
-        ls = _gather(real, rows[b], gather)
-        out[b] = _weights(ls, coeff, mode, work[: ls.shape[0]]).sum(-1)
-    return out
-
-
-def _draw_masked(real: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, rule) -> torch.Tensor:
-    """Tokens (R,) drawn at masked rows by the closed form (:func:`_masked_rule`); ``real`` (N, V-1) holds the
-    log scores of the real tokens, ``rows`` (R,) the rows to draw, ``u`` (R,) their uniforms.
-
-    The same draw as :func:`draw` on the full row [scale w, 1 - scale sum w] (stay last): with
-    Z = max(scale sum w, 1), the row moves iff u Z < scale sum w, and then takes the first y whose
-    cumulative w exceeds u Z / scale. So a row's move decision needs only its total, summed in float32
-    and redone in float64 within a relative band of the threshold (and where float32 under- or
-    overflows), and only the rows that move get a float64 CDF."""
-    scale, coeff, mode, final = rule
-    if final:
-        move = torch.ones_like(u, dtype=torch.bool)
-    else:
-        total = _row_sums(real, rows, coeff, mode, torch.float32)
-        jump = scale * total
-        zed = jump.clamp_min(1.0)
-        unsure = ((u * zed - jump).abs() <= _GUARD * zed) | ~torch.isfinite(total) | (total < 1e-30)
-        if bool(unsure.any()):
-            total[unsure] = _row_sums(real, rows[unsure], coeff, mode, torch.float64)
-            jump = scale * total
-            zed = jump.clamp_min(1.0)
-        move = u * zed < jump
-    tokens = torch.full_like(rows, real.shape[1])  # the mask id: rows that stay
-    pick = move.nonzero().squeeze(-1)
-    if pick.numel() == 0:
-        return tokens
-    width = real.shape[1]
-    sel = rows[pick]
-    blocks = _row_blocks(sel, width)
-    gather = torch.empty(blocks[0].stop, width, dtype=real.dtype, device=real.device)
-    cdf_buf = torch.empty(blocks[0].stop, width, dtype=torch.float64, device=real.device)
-    found = torch.empty_like(sel)
-    for b in blocks:
-        ls = _gather(real, sel[b], gather)
-        cdf = _weights(ls, coeff, mode, cdf_buf[: ls.shape[0]]).cumsum_(-1)
-        total = cdf[:, -1] if final else torch.maximum(cdf[:, -1], 1 / scale)  # Z / scale, from the float64 sum
-        goal = u[pick[b]] * total
-        found[b] = torch.searchsorted(cdf, goal[:, None], right=True).squeeze(-1)
-    tokens[pick] = found.clamp_max(width - 1)
-    return tokens
-
-
-def advance(model, rows_fn, log_score, x, draws, fixed=None, *args, row_inputs=(), **kw) -> torch.Tensor:
-    """Draw new tokens at the rows that can move (and are not fixed); other rows keep their token.
+def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=()) -> torch.Tensor:
+    """Draw new tokens by ``kernel`` at the rows that can move (and are not fixed); other rows keep their token.
 
     ``draws`` = (seed, index (B,), step[, stream]): the uniform of row (i, j) is a hash of
     (seed, stream, index[i], step, j) (stream defaults to ``rng.STREAM_STEP``), computed only for the
-    rows that move. ``row_inputs`` are further (B, L, ...) tensors whose moving rows are passed to
-    ``rows_fn`` right after the token rows (e.g. the start-of-step state of a two-stage rule).
+    rows that move. ``row_inputs`` are further (B, L, ...) tensors (log scores or tokens) whose moving rows
+    are passed to a categorical kernel right after the token rows (e.g. the start-of-step state of a
+    two-stage rule). Kernels see rows in the graph's canonical layout; drawn tokens come back in the model's.
     """
-    graph = _graph(model)
+    graph = graph_of(model)
     moving = graph.moving(x)
     if fixed is not None:
         moving = moving & ~fixed
@@ -477,24 +337,36 @@ def advance(model, rows_fn, log_score, x, draws, fixed=None, *args, row_inputs=(
     stream = draws[3] if len(draws) > 3 else rng.STREAM_STEP
     v, l = log_score.shape[-1], x.shape[1]
     ls_flat = log_score.reshape(-1, v)
-    rule = _masked_rule(model.noise, rows_fn, args, kw, x.device) if graph.absorbing and not row_inputs else None
-    if rule is not None:  # moving rows are masked rows: decide from row totals, build rows only where they move
-        real = ls_flat.detach()[:, :-1]
+    if isinstance(kernel, MaskedCategorical):  # moving rows are masked rows: decide from row totals, build rows only where they move
+        real = ls_flat.detach()[:, :-1] if graph.canonical else None
         chunk = max(1, _chunk_elems(x.device) // v)
         for start in range(0, idx.numel(), chunk):
             rows = idx[start : start + chunk]
             u = rng.uniforms_at(seed, stream, index[rows // l], step, rows % l)
-            x_flat[rows] = _draw_masked(real, rows, u, rule)
+            if real is not None:
+                x_flat[rows] = kernel.draw(real, rows, u)
+            else:  # the real columns of these rows only, gathered in order
+                local = torch.arange(rows.numel(), device=rows.device)
+                x_flat[rows] = graph.from_canonical(kernel.draw(graph.real_columns(ls_flat[rows].detach()), local, u))
         return x_flat.reshape(x.shape)
+    if not isinstance(kernel, Categorical):
+        raise TypeError(f"advance draws categorical kernels, not {type(kernel).__name__}")
+    canon = graph.canonical_graph()
     extra_flat = [r.reshape(x_flat.shape[0], *r.shape[2:]) for r in row_inputs]
     chunk = max(1, _CHUNK_ELEMS // v)
     for start in range(0, idx.numel(), chunk):
         rows = idx[start : start + chunk]
-        extra = [r[rows].detach() for r in extra_flat]
-        probs = rows_fn(graph, model.noise, ls_flat[rows].detach(), x_flat[rows], *extra, *args, **kw)
+        extra = [_canonical(graph, r[rows].detach()) for r in extra_flat]
+        probs = kernel.probs(canon, model.noise, graph.canonical_scores(ls_flat[rows].detach()),
+                             graph.to_canonical(x_flat[rows]), *extra)
         u = rng.uniforms_at(seed, stream, index[rows // l], step, rows % l)
-        x_flat[rows] = draw(probs, u)
+        x_flat[rows] = graph.from_canonical(draw(probs, u))
     return x_flat.reshape(x.shape)
+
+
+def _canonical(graph: Graph, rows: torch.Tensor) -> torch.Tensor:
+    """Score rows (floating) or token rows (integer) in the graph's canonical layout."""
+    return graph.canonical_scores(rows) if rows.is_floating_point() else graph.to_canonical(rows)
 
 
 @dataclass
@@ -509,6 +381,7 @@ class Run:
     grad: bool
     timesteps: torch.Tensor  # (M+1,) the grid (differentiable when ``grad``)
     coeffs: torch.Tensor  # (M,) float64 on the run's device
+    graph: Graph  # the model's graph (:func:`lsdtool.diffusion.graph_of`)
     state: dict = field(default_factory=dict)  # what a rule keeps between its steps
 
     @property
@@ -528,16 +401,23 @@ class Run:
 
     def moving_masks(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L) bool: masked positions that are not fixed."""
-        masked = x == self.model.vocab_size - 1
+        masked = x == self.graph.mask_id
         return masked if self.fixed is None else masked & ~self.fixed
+
+    def step_kernel(self, k: int, t64, s64, base: str, final: bool) -> Kernel:
+        """The kernel of an euler, tweedie or count step k: the closed form at masked rows where the graph
+        has a mask and the form applies, else the categorical rows of :func:`step_rows`."""
+        args = (t64, s64, base, self.coeffs[k], self.sampler.mode, final)
+        fast = masked_kernel(self.model.noise, *args) if self.graph.absorbing else None
+        return fast if fast is not None else Categorical(step_rows, args)
 
 
 def one_call_step(run: Run, k: int, x: torch.Tensor) -> Iterator[Step]:
     """Euler and Tweedie: one model call, every movable row drawn from :func:`step_rows`."""
     t, s, t64, s64, final = run.times(k)
     log_score = run.call(x, t)
-    x_next = advance(run.model, step_rows, log_score, x, (run.seed, run.index, k), run.fixed, t64, s64,
-                     run.sampler.base, run.coeffs[k], run.sampler.mode, final)
+    kernel = run.step_kernel(k, t64, s64, run.sampler.base, final)
+    x_next = advance(run.model, kernel, log_score, x, (run.seed, run.index, k), run.fixed)
     yield Step(k, t, s, x, log_score, x_next, final)
 
 
@@ -553,8 +433,8 @@ def count_step(run: Run, k: int, x: torch.Tensor) -> Iterator[Step]:
     n_k = (still.sum(-1) - run.state["left"][:, k + 1]).clamp_min(0)
     rank = torch.where(still, run.state["order"], 2.0).argsort(-1).argsort(-1)
     hold = ~(still & (rank < n_k[:, None]))
-    x_next = advance(model, step_rows, log_score, x, (run.seed, run.index, k), hold if run.fixed is None else hold | run.fixed,
-                     t64, s64, "count", run.coeffs[k], run.sampler.mode, True)
+    kernel = run.step_kernel(k, t64, s64, "count", True)
+    x_next = advance(model, kernel, log_score, x, (run.seed, run.index, k), hold if run.fixed is None else hold | run.fixed)
     yield Step(k, t, s, x, log_score, x_next, final)
 
 
@@ -565,12 +445,13 @@ def trapezoidal_step(run: Run, k: int, x: torch.Tensor) -> Iterator[Step]:
     log_score = run.call(x, t)
     rho = t - THETA * (t - s)
     rho64 = rho.detach().double().to(run.device)
-    x_mid = advance(model, tau_leap_rows, log_score, x, (run.seed, run.index, k), run.fixed, t64, rho64,
-                    run.coeffs[k], mode, False)
+    stage1 = Categorical(tau_leap_rows, (t64, rho64, run.coeffs[k], mode, False))
+    x_mid = advance(model, stage1, log_score, x, (run.seed, run.index, k), run.fixed)
     yield Step(k, t, rho, x, log_score, x_mid, False, 0)
     log_score_mid = run.call(x_mid, rho)
-    x_next = advance(model, trapezoidal_rows, log_score_mid, x_mid, (run.seed, run.index, k, rng.STREAM_STAGE), run.fixed,
-                     t64, rho64, s64, run.coeffs[k], mode, final, row_inputs=(log_score, x))
+    stage2 = Categorical(trapezoidal_rows, (t64, rho64, s64, run.coeffs[k], mode, final))
+    x_next = advance(model, stage2, log_score_mid, x_mid, (run.seed, run.index, k, rng.STREAM_STAGE), run.fixed,
+                     row_inputs=(log_score, x))
     yield Step(k, rho, s, x_mid, log_score_mid, x_next, final, 1)
 
 
@@ -585,13 +466,15 @@ def iterate(model, sampler: Sampler, index: torch.Tensor, seed: int, x_init=None
     """
     device = index.device
     rule = steprules.rule(sampler.base)
-    if rule.absorbing_only and model.graph != "absorb":
-        raise ValueError(f"the {rule.name} sampler needs an absorbing model; {getattr(model, 'name', 'this model')} is {model.graph}")
+    problem = rule.problem(model)
+    if problem:
+        raise ValueError(problem)
     step_fn = rule.step_function()
+    graph = graph_of(model)
     x = start_state(model, index, seed) if x_init is None else x_init.to(device)
     ts = sampler.timesteps if timesteps is None else timesteps
     coeffs = sampler.coeffs.detach().to(device=device, dtype=torch.float64)
-    run = Run(model, sampler, index, seed, fixed, grad, ts, coeffs)
+    run = Run(model, sampler, index, seed, fixed, grad, ts, coeffs, graph)
     m = sampler.steps
     for k in range(m):
         for step in step_fn(run, k, x):  # a rule may make no call at step k (entropy-bound, all filled)
@@ -601,7 +484,8 @@ def iterate(model, sampler: Sampler, index: torch.Tensor, seed: int, x_init=None
     if sampler.denoise:
         t = ts[m]
         log_score = run.call(x, t)
-        x_next = advance(model, denoise_rows, log_score, x, (seed, index, m), fixed, t.detach().double().to(device))
+        kernel = denoise_kernel(device) if graph.absorbing else Categorical(denoise_rows, (t.detach().double().to(device),))
+        x_next = advance(model, kernel, log_score, x, (seed, index, m), fixed)
         yield Step(m, t, t, x, log_score, x_next, True)
 
 

@@ -1,9 +1,12 @@
-"""The one table of step rules (DESIGN §5): name, model calls per step, absorbing-only, step function.
+"""The one table of step rules (DESIGN §5): name, transition kernel, graphs, calls per step, step function.
 
 Torch-free, so the command line, recipe schema and artifact checks can read it without importing
 the engine. Each rule's step function is named as ``"module:function"`` and imported only when the
 engine runs it; it is a generator ``step(run, k, x)`` yielding one :class:`lsdtool.samplers.Step`
-per model call of step k (see :class:`lsdtool.samplers.Run`). Adding a rule is one entry below.
+per model call of step k (see :class:`lsdtool.samplers.Run`), drawing through the kernel type the row
+names (:mod:`lsdtool.kernels`). A rule declares the graphs it runs on (:meth:`StepRule.supports` is
+the one check of that) and its model calls per step, a number or a function of the sampler's options.
+Adding a rule is one entry below.
 """
 
 from __future__ import annotations
@@ -11,28 +14,66 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+KERNELS = ("categorical", "commit-by-score")  # kernel types of lsdtool.kernels (a categorical step takes its
+# closed form, MaskedCategorical, at the masked rows of an absorbing graph)
+GRAPH_WORDS = {"absorb": "an absorbing", "uniform": "a uniform"}  # for messages: "needs an absorbing model"
+
+
+def _resolve(spec: str):
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def graph_name(model) -> str:
+    """The name of a model's graph, whether it holds a graph object or a name."""
+    graph = model.graph
+    return graph if isinstance(graph, str) else graph.name
+
 
 @dataclass(frozen=True)
 class StepRule:
     name: str
-    calls: int  # model calls (NFE) per step
-    absorbing_only: bool  # needs an absorbing (masked) model
+    kernel: str  # the kernel type its steps draw with (one of KERNELS)
+    graphs: tuple[str, ...]  # names of the graphs it runs on
     step: str  # "module:function" of the step generator, imported lazily
-    distillable: bool  # LSD can fit its coefficients (the rule has a one-step kernel, step_rows)
+    distillable: bool  # LSD can fit its coefficients (its kernel has a one-step likelihood)
+    calls: int | str = 1  # model calls (NFE) per step, or "module:function" of the sampler options -> calls
 
     def step_function(self):
         """The step generator ``step(run, k, x)``, imported on first use."""
-        module, _, name = self.step.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return _resolve(self.step)
+
+    def calls_per_step(self, options: dict | None = None) -> int:
+        """Model calls per step for a sampler with ``options``."""
+        return self.calls if isinstance(self.calls, int) else int(_resolve(self.calls)(dict(options or {})))
+
+    def supports_graph(self, name: str) -> bool:
+        return name in self.graphs
+
+    def supports(self, model) -> bool:
+        """True when the rule runs on ``model``'s graph."""
+        return self.supports_graph(graph_name(model))
+
+    def requirement(self) -> str:
+        """What the rule needs, e.g. "an absorbing model"."""
+        words = [GRAPH_WORDS.get(g, f"a {g}") for g in self.graphs]
+        return " or ".join(words[:1] + [w.split(" ", 1)[1] for w in words[1:]]) + " model"
+
+    def problem(self, model) -> str | None:
+        """One line saying why the rule cannot run on ``model``, or None."""
+        if self.supports(model):
+            return None
+        return f"the {self.name} sampler needs {self.requirement()}; {getattr(model, 'name', 'this model')} is {graph_name(model)}"
 
 
+TEXT = ("absorb", "uniform")
 RULES: dict[str, StepRule] = {rule.name: rule for rule in (
-    StepRule("euler", 1, False, "lsdtool.samplers:one_call_step", True),
-    StepRule("tweedie", 1, False, "lsdtool.samplers:one_call_step", True),
-    StepRule("count", 1, True, "lsdtool.samplers:count_step", False),  # fixed-count random order
-    StepRule("theta-trapezoidal", 2, False, "lsdtool.samplers:trapezoidal_step", False),  # second order, theta = 1/2
-    StepRule("confidence", 1, True, "lsdtool.adaptive:confidence_step", False),  # most confident candidates first
-    StepRule("entropy-bound", 1, True, "lsdtool.adaptive:entropy_bound_step", False),  # at most 1 call per sample and step
+    StepRule("euler", "categorical", TEXT, "lsdtool.samplers:one_call_step", True),
+    StepRule("tweedie", "categorical", TEXT, "lsdtool.samplers:one_call_step", True),
+    StepRule("count", "categorical", ("absorb",), "lsdtool.samplers:count_step", False),  # fixed-count random order
+    StepRule("theta-trapezoidal", "categorical", TEXT, "lsdtool.samplers:trapezoidal_step", False, 2),  # second order, theta = 1/2
+    StepRule("confidence", "commit-by-score", ("absorb",), "lsdtool.adaptive:confidence_step", False),  # most confident first
+    StepRule("entropy-bound", "commit-by-score", ("absorb",), "lsdtool.adaptive:entropy_bound_step", False),  # <= 1 call per sample and step
 )}
 NAMES: tuple[str, ...] = tuple(RULES)  # every rule: `lsd sample --base`, compare's plain rows, artifacts
 DISTILLABLE: tuple[str, ...] = tuple(r.name for r in RULES.values() if r.distillable)  # recipe `base`, `lsd distill --base`

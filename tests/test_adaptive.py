@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lsdtool import adaptive, artifacts, metrics
-from lsdtool.diffusion import LogLinear
+from lsdtool.diffusion import Absorb, LogLinear
 from lsdtool.errors import LsdError
 from lsdtool.samplers import Sampler, count_schedule, iterate, sample
 
@@ -83,7 +83,7 @@ def test_confidence_keeps_the_most_confident_candidates():
     index = torch.arange(4)
     for st in trajectory(model, sampler, n=4, seed=5):
         still = st.x == model.vocab_size - 1
-        cand = advance(model, adaptive.candidate_rows, st.log_score, st.x, (5, index, st.k), ~still, 1.0)
+        cand = advance(model, adaptive.candidates(1.0).candidates, st.log_score, st.x, (5, index, st.k), ~still)
         conf = model_probs(st.log_score).gather(-1, cand.clamp_max(model.vocab_size - 2)[..., None]).squeeze(-1)
         committed = still & (st.x_next != model.vocab_size - 1)
         assert torch.equal(st.x_next[committed], cand[committed])
@@ -264,7 +264,7 @@ def test_confidence_selection_matches_diffusers_on_given_candidates():
     out = sched.step(logits, 1, x, mask_token_id=v, temperature=1.0, generator=gen)
     log_score = torch.cat([logits.double(), torch.full((b, l, 1), -700.0, dtype=torch.float64)], -1)
     still = x == v
-    conf = adaptive.row_scores(log_score, still, 1.0, "probability", out.sampled_tokens)
+    conf = adaptive.row_scores(Absorb(v + 1), log_score, still, 1.0, "probability", out.sampled_tokens)
     assert torch.allclose(conf[still], out.sampled_probs[still].double(), atol=1e-6)
     n = torch.minimum(still.sum(-1), torch.tensor(l // 4))
     assert torch.equal(adaptive.top_n(conf, still, n), out.transfer_index)

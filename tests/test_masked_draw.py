@@ -6,7 +6,8 @@ import torch
 
 from lsdtool import rng
 from lsdtool.diffusion import LogLinear, make_graph
-from lsdtool.samplers import _draw_masked, _masked_rule, advance, denoise_rows, draw, step_rows
+from lsdtool.kernels import Categorical, _draw_masked, denoise_kernel, draw, masked_kernel
+from lsdtool.samplers import advance, denoise_rows, step_rows
 
 V = 8  # 7 real tokens and the mask
 NOISE = LogLinear(1e-3)
@@ -54,7 +55,7 @@ def test_same_token_as_the_full_row_draw_for_every_uniform(rows_fn, args):
     edges = probs.cumsum(-1)[:, :-1].clamp(1e-12, 1 - 1e-12)
     near = torch.cat([edges * (1 - 1e-9), edges * (1 + 1e-9)], -1).clamp_max(1 - 1e-16)
     u = torch.cat([grid.expand(ls.shape[0], -1), near], -1)
-    rule = _masked_rule(NOISE, rows_fn, args, {}, x.device)
+    rule = masked_kernel(NOISE, *args) if rows_fn is step_rows else denoise_kernel(x.device)
     assert rule is not None
     r, g = u.shape
     fast = _draw_masked(ls[:, :-1], torch.arange(r).repeat_interleave(g), u.reshape(-1), rule).reshape(r, g)
@@ -66,9 +67,9 @@ def test_same_token_as_the_full_row_draw_for_every_uniform(rows_fn, args):
 
 
 def test_full_rows_are_used_where_the_closed_form_does_not_apply():
-    assert _masked_rule(NOISE, step_rows, (0.6, 0.45, "euler", torch.tensor([1.0, 2.0]), "score", False), {}, "cpu") is None
-    assert _masked_rule(NOISE, step_rows, (0.6, 0.45, "euler", -1.0, "score", False), {}, "cpu") is None
-    assert _masked_rule(NOISE, step_rows, (0.6, 0.45, "theta-trapezoidal", 1.0), {}, "cpu") is None
+    assert masked_kernel(NOISE, 0.6, 0.45, "euler", torch.tensor([1.0, 2.0]), "score", False) is None
+    assert masked_kernel(NOISE, 0.6, 0.45, "euler", -1.0, "score", False) is None
+    assert masked_kernel(NOISE, 0.6, 0.45, "theta-trapezoidal", 1.0, "score", False) is None
 
 
 class FixedScores:
@@ -91,7 +92,7 @@ def test_engine_draws_follow_the_reference_probabilities(args):
     model, n = FixedScores(ls), 6000
     x = torch.full((n, ls.shape[0]), V - 1)
     index = torch.arange(n)
-    out = advance(model, step_rows, model.log_score(x, None), x, (11, index, 2), None, *args)
+    out = advance(model, masked_kernel(NOISE, *args), model.log_score(x, None), x, (11, index, 2), None)
     probs = step_rows(GRAPH, NOISE, ls.double(), x[0], *args)
     u = rng.uniforms(11, rng.STREAM_STEP, index, 2, ls.shape[0])  # (n, L)
     assert torch.equal(out, reference_tokens(step_rows, args, ls, u.T).T)

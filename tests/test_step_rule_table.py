@@ -15,7 +15,7 @@ def test_the_table_is_torch_free_and_resolves_every_step_function():
     code = "import sys, lsdtool.steprules, lsdtool.grids; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
     for rule in steprules.RULES.values():
-        assert callable(rule.step_function()) and rule.calls >= 1
+        assert callable(rule.step_function()) and rule.calls_per_step() >= 1
 
 
 def test_every_consumer_offers_the_rules_of_the_table():
@@ -28,7 +28,7 @@ def test_every_consumer_offers_the_rules_of_the_table():
 
 @pytest.mark.parametrize("name", steprules.NAMES)
 def test_nfe_and_compare_steps_follow_the_table(name):
-    calls = steprules.rule(name).calls
+    calls = steprules.rule(name).calls_per_step()
     assert Sampler.plain(3, base=name).nfe == 3 * calls
     assert compare.steps_for(name, 4 * calls) == 4
 

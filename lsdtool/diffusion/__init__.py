@@ -1,6 +1,6 @@
 """Noise schedules and graphs of discrete diffusion (DESIGN §4)."""
 
-from lsdtool.diffusion.graphs import Absorb, Graph, Uniform, make_graph
+from lsdtool.diffusion.graphs import Absorb, Graph, Uniform, graph_of, make_graph
 from lsdtool.diffusion.noise import Geometric, LogLinear, Noise, make_noise
 
-__all__ = ["Absorb", "Graph", "Uniform", "make_graph", "Geometric", "LogLinear", "Noise", "make_noise"]
+__all__ = ["Absorb", "Graph", "Uniform", "graph_of", "make_graph", "Geometric", "LogLinear", "Noise", "make_noise"]

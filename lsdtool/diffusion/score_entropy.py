@@ -13,25 +13,28 @@ from __future__ import annotations
 
 import torch
 
+from lsdtool.diffusion.graphs import Absorb
 from lsdtool.models.ddit import log_expm1
 
 
 def absorb_score_entropy(log_score: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor,
-                         sigma: torch.Tensor) -> torch.Tensor:
-    """Per-position score entropy (B, L): log_score (B, L, V) with the mask last, x_t, x0 (B, L), sigma (B,)."""
-    masked = x_t == log_score.shape[-1] - 1
+                         sigma: torch.Tensor, mask_id: int | None = None) -> torch.Tensor:
+    """Per-position score entropy (B, L): log_score (B, L, V), x_t, x0 (B, L), sigma (B,); the mask is
+    ``mask_id`` (default the last id)."""
+    graph = Absorb(log_score.shape[-1], mask_id)
+    masked = graph.moving(x_t)
     log_r = -log_expm1(sigma)[:, None].expand_as(x_t)  # log of 1 / (e^sigma - 1)
     r = log_r.exp()
-    positive = log_score[..., :-1].exp().sum(-1)
+    positive = graph.real_columns(log_score).exp().sum(-1)
     negative = r * log_score.gather(-1, x0[..., None]).squeeze(-1)
     constant = r * (log_r - 1)
     return torch.where(masked, positive - negative + constant, torch.zeros_like(positive))
 
 
 def absorb_loss(log_score: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor,
-                dsigma: torch.Tensor) -> torch.Tensor:
+                dsigma: torch.Tensor, mask_id: int | None = None) -> torch.Tensor:
     """Per-sample loss (B,): sigma'(t) times the score entropy summed over positions (SEDD's DWDSE)."""
-    return dsigma * absorb_score_entropy(log_score, x_t, x0, sigma).sum(-1)
+    return dsigma * absorb_score_entropy(log_score, x_t, x0, sigma, mask_id).sum(-1)
 
 
 def absorb_corrupt(x0: torch.Tensor, sigma: torch.Tensor, mask_id: int,

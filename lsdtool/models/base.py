@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from lsdtool.diffusion import Noise
+from lsdtool.diffusion import Graph, Noise
 
 
 class DiffusionModel:
     """A frozen discrete diffusion model seen through its log concrete score.
 
-    Attributes: ``name`` (short name stored in artifacts), ``graph`` ("absorb" | "uniform"),
+    Attributes: ``name`` (short name stored in artifacts), ``graph`` (a :class:`lsdtool.diffusion.Graph`
+    that says where the mask is, if any; a name, "absorb" or "uniform", is read with ``mask_id``),
     ``vocab_size`` V (mask included), ``seq_len`` L, ``noise`` (a :class:`Noise`),
     ``fingerprint`` (architecture + weights), ``task`` (the ``task`` key of a checkpoint's config), ``device``.
     """
 
     name: str
-    graph: str
+    graph: Graph | str
     vocab_size: int
     seq_len: int
     noise: Noise
@@ -30,6 +31,9 @@ class DiffusionModel:
 
     @property
     def mask_id(self) -> int | None:
+        """The mask token id (None without one): the graph's, or V - 1 for a model that names an absorbing graph."""
+        if isinstance(self.graph, Graph):
+            return self.graph.mask_id
         return self.vocab_size - 1 if self.graph == "absorb" else None
 
     @property

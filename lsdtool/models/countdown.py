@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lsdtool.diffusion import LogLinear
+from lsdtool.diffusion import Absorb, LogLinear
 from lsdtool.models.base import DiffusionModel
 from lsdtool.models.countdown_id import FINGERPRINT, LEAK
 
@@ -107,7 +107,7 @@ class CountdownModel(DiffusionModel):
 
     name = "countdown"
     task = "countdown"
-    graph = "absorb"
+    graph = Absorb(N_VALUES + 1)
     vocab_size = N_VALUES + 1
     seq_len = SEQ_LEN
 

@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from lsdtool.diffusion import make_graph
 from lsdtool.models.base import DiffusionModel
 
 GPT2_TOKENS = 50257
@@ -41,7 +42,8 @@ class PretrainedModel(DiffusionModel):
                  seq_len: int, noise):
         self.net = net
         self.name, self.fingerprint = name, fingerprint
-        self.graph, self.vocab_size, self.seq_len, self.noise = graph, int(vocab_size), int(seq_len), noise
+        self.vocab_size, self.seq_len, self.noise = int(vocab_size), int(seq_len), noise
+        self.graph = make_graph(graph, self.vocab_size)  # the mask, where there is one, is the last id (the families' layout)
         self.device = torch.device("cpu")
 
     def to(self, device) -> "PretrainedModel":
@@ -58,7 +60,7 @@ class PretrainedModel(DiffusionModel):
     @property
     def n_tokens(self) -> int:
         """Number of real tokens (the mask excluded)."""
-        return self.vocab_size - (self.graph == "absorb")
+        return self.graph.n_real
 
     def _tokenizer(self):
         return gpt2_tokenizer() if self.n_tokens == GPT2_TOKENS else None

@@ -1,0 +1,222 @@
+"""Transition kernels: what one step of a rule does to a row, typed so the engine dispatches on the type.
+
+- :class:`Categorical`: per-row probabilities from a row function ``fn(graph, noise, log_score, x, *extra,
+  *args)`` -> (R, V') float64 (V' = V, or the real tokens when the mask column is dropped), drawn by
+  inverse CDF in float64 (:func:`draw`).
+- :class:`MaskedCategorical`: the closed form of Euler, Tweedie, the count rule and SEDD's denoise step at
+  masked rows of an absorbing model: p_y = scale w_y (y real) and p_M = 1 - scale sum_y w_y, or w
+  normalised when ``final``, with w = e^{ls} and scale = c Phi (score mode) or w = e^{Phi ls} and
+  scale = c (temperature mode). A row moves iff u Z < scale sum w (Z = max(scale sum w, 1)), so the
+  decision needs one float32 exp-sum pass (redone in float64 near the threshold) and only rows that
+  move get a float64 CDF: the same token as :func:`draw` on the full row for the same uniform.
+- :class:`CommitByScore`: the confidence rules: a categorical candidate at every masked row, of which
+  the rule commits the best-scored ones.
+
+Every kernel has the log-probability of a transition x -> y (:meth:`log_prob`), which the teacher-path
+objective maximises. Kernels see rows in the graph's canonical layout (real tokens, then the mask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+_CHUNK_ELEMS = 1 << 24  # float64 elements per row chunk: bounds memory for V = 50k vocabularies
+
+
+def normalise(p: torch.Tensor) -> torch.Tensor:
+    """Rows clamped to non-negative mass and renormalised: (R, V) -> (R, V)."""
+    p = p.clamp_min(0.0)
+    return p / p.sum(-1, keepdim=True).clamp_min(1e-300)
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF categorical draw in float64: probs (R, V), u (R,) uniforms -> (R,) long."""
+    cdf = probs.cumsum(-1)
+    target = (u * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+
+
+class Kernel:
+    """A one-step transition of rows; ``kind`` names its type in the step-rule table."""
+
+    kind: str = ""
+
+    def log_prob(self, graph, noise, log_score, x, y, *extra) -> torch.Tensor:
+        """log p(y | x) (R,) float64 of rows log_score (R, V), x, y (R,) (canonical layout)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
+class Categorical(Kernel):
+    """Rows drawn from ``fn(graph, noise, log_score, x, *extra, *args, **kw)``."""
+
+    fn: Callable
+    args: tuple = ()
+    kw: dict = field(default_factory=dict)
+    kind = "categorical"
+
+    def probs(self, graph, noise, log_score, x, *extra) -> torch.Tensor:
+        """(R, V') float64 step probabilities of the rows."""
+        return self.fn(graph, noise, log_score, x, *extra, *self.args, **self.kw)
+
+    def log_prob(self, graph, noise, log_score, x, y, *extra):
+        p = self.probs(graph, noise, log_score, x, *extra)
+        return torch.log(p.gather(-1, y[:, None]).clamp_min(1e-300)).squeeze(-1)
+
+
+@dataclass(frozen=True, eq=False)
+class MaskedCategorical(Kernel):
+    """The closed form at masked rows (module docstring): ``scale`` (0-d float64, None when ``final``),
+    ``coeff`` Phi (0-d float64) and ``mode`` (score | temperature)."""
+
+    scale: torch.Tensor | None
+    coeff: torch.Tensor
+    mode: str
+    final: bool
+    kind = "masked-categorical"
+
+    def log_prob(self, graph, noise, log_score, x, y, *extra):
+        real = log_score[:, :-1].to(torch.float64)
+        w = torch.exp(real * self.coeff) if self.mode == "temperature" else torch.exp(real)
+        total = w.sum(-1)
+        mask = real.shape[1]
+        picked = w.gather(-1, y.clamp_max(mask - 1)[:, None]).squeeze(-1)
+        if self.final:
+            return torch.where(y == mask, -torch.inf, torch.log(picked) - torch.log(total))
+        jump = self.scale * total
+        zed = jump.clamp_min(1.0)
+        stay = (1 - jump).clamp_min(0.0)
+        return torch.where(y == mask, torch.log(stay / zed), torch.log(self.scale * picked / zed))
+
+    def draw(self, real: torch.Tensor, rows: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Tokens (R,) at ``rows`` of ``real`` (N, V-1) log scores of the real tokens; see :func:`_draw_masked`."""
+        return _draw_masked(real, rows, u, self)
+
+
+@dataclass(frozen=True, eq=False)
+class CommitByScore(Kernel):
+    """A candidate drawn at every masked row by ``candidates``; the rule commits the best ``score``d ones."""
+
+    candidates: Categorical
+    score: str = "probability"
+    kind = "commit-by-score"
+
+    def log_prob(self, graph, noise, log_score, x, y, *extra):
+        """log p(y) of a committed row's candidate draw (the commit set taken as given)."""
+        return self.candidates.log_prob(graph, noise, log_score, x, y, *extra)
+
+
+def masked_kernel(noise, t, s, base: str, coeff, mode: str, final: bool) -> MaskedCategorical | None:
+    """The closed form of an euler, tweedie or count step at masked rows, or None where it does not apply
+    (a per-row Phi or times, a non-positive Phi in score mode, whose rows the general rule clamps)."""
+    coeff, t, s = (torch.as_tensor(v, dtype=torch.float64) for v in (coeff, t, s))
+    if base not in ("euler", "tweedie", "count") or mode not in ("score", "temperature") \
+            or max(coeff.numel(), t.numel(), s.numel()) != 1:
+        return None
+    coeff, t, s = coeff.reshape(()), t.reshape(()), s.reshape(())
+    if mode == "score" and not bool(coeff > 0):
+        return None
+    if final or base == "count":
+        return MaskedCategorical(None, coeff, mode, True)
+    c = (t - s) * noise.rate(t) if base == "euler" else torch.expm1(noise.total(t) - noise.total(s))
+    return MaskedCategorical(c * coeff if mode == "score" else c, coeff, mode, False)
+
+
+def denoise_kernel(device) -> MaskedCategorical:
+    """SEDD's denoise step at a masked row, s e^{sigma} (1 - e^{-sigma}): the score normalised (Phi = 1, score mode)."""
+    return MaskedCategorical(None, torch.ones((), dtype=torch.float64, device=device), "score", True)
+
+
+_GUARD = 1e-4  # relative band around a row's move threshold inside which the float32 row sum is redone in float64
+_BLOCK_ELEMS = 1 << 20  # elements per block of a CPU row pass (at least 16 rows): its exp stays in cache for its sum
+
+
+def _chunk_elems(device: torch.device) -> int:
+    """Row-chunk size in elements: small on CPU (memory), large on a GPU (few kernel launches per step)."""
+    return _CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS * 8
+
+
+def _weights(ls: torch.Tensor, coeff: torch.Tensor, mode: str, out: torch.Tensor) -> torch.Tensor:
+    """w = e^{ls} (score) or e^{Phi ls} (temperature) into ``out`` (same shape as ls)."""
+    if out.dtype != ls.dtype:  # the product and exp in out's precision
+        out.copy_(ls)
+        return (out.mul_(coeff) if mode == "temperature" else out).exp_()
+    if mode == "temperature":
+        return torch.mul(ls, coeff.to(out.dtype), out=out).exp_()
+    return torch.exp(ls, out=out)
+
+
+def _row_blocks(rows: torch.Tensor, width: int):
+    """Slices of ``rows`` small enough for one cache-sized pass (the whole of them on a GPU)."""
+    n = rows.numel()
+    size = max(16, _BLOCK_ELEMS // width) if rows.device.type == "cpu" else max(1, _chunk_elems(rows.device) // width)
+    return [slice(b, min(n, b + size)) for b in range(0, n, size)]
+
+
+def _gather(real: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """real[rows] without a copy when the rows are consecutive (checked on CPU only: on a GPU the check
+    would wait for the device), else gathered into ``buf``."""
+    n = rows.numel()
+    if rows.device.type == "cpu":
+        first = int(rows[0])
+        if int(rows[-1]) - first + 1 == n:
+            return real[first : first + n]
+    return torch.index_select(real, 0, rows, out=buf[:n])
+
+
+def _row_sums(real: torch.Tensor, rows: torch.Tensor, coeff, mode: str, dtype) -> torch.Tensor:
+    """sum_y w_y (R,) float64 over the real tokens of ``rows``, the exp and sum computed in ``dtype``."""
+    width = real.shape[1]
+    out = torch.empty(rows.numel(), dtype=torch.float64, device=real.device)
+    blocks = _row_blocks(rows, width)
+    gather = torch.empty(blocks[0].stop, width, dtype=real.dtype, device=real.device)
+    work = gather if dtype == real.dtype else torch.empty(blocks[0].stop, width, dtype=dtype, device=real.device)
+    for b in blocks:
+        ls = _gather(real, rows[b], gather)
+        out[b] = _weights(ls, coeff, mode, work[: ls.shape[0]]).sum(-1)
+    return out
+
+
+def _draw_masked(real: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, rule: MaskedCategorical) -> torch.Tensor:
+    """Tokens (R,) drawn at masked rows by the closed form of ``rule``; ``real`` (N, V-1) holds the
+    log scores of the real tokens, ``rows`` (R,) the rows to draw, ``u`` (R,) their uniforms.
+
+    The same draw as :func:`draw` on the full row [scale w, 1 - scale sum w] (stay last): with
+    Z = max(scale sum w, 1), the row moves iff u Z < scale sum w, and then takes the first y whose
+    cumulative w exceeds u Z / scale. So a row's move decision needs only its total, summed in float32
+    and redone in float64 within a relative band of the threshold (and where float32 under- or
+    overflows), and only the rows that move get a float64 CDF."""
+    scale, coeff, mode, final = rule.scale, rule.coeff, rule.mode, rule.final
+    if final:
+        move = torch.ones_like(u, dtype=torch.bool)
+    else:
+        total = _row_sums(real, rows, coeff, mode, torch.float32)
+        jump = scale * total
+        zed = jump.clamp_min(1.0)
+        unsure = ((u * zed - jump).abs() <= _GUARD * zed) | ~torch.isfinite(total) | (total < 1e-30)
+        if bool(unsure.any()):
+            total[unsure] = _row_sums(real, rows[unsure], coeff, mode, torch.float64)
+            jump = scale * total
+            zed = jump.clamp_min(1.0)
+        move = u * zed < jump
+    tokens = torch.full_like(rows, real.shape[1])  # the mask id: rows that stay
+    pick = move.nonzero().squeeze(-1)
+    if pick.numel() == 0:
+        return tokens
+    width = real.shape[1]
+    sel = rows[pick]
+    blocks = _row_blocks(sel, width)
+    gather = torch.empty(blocks[0].stop, width, dtype=real.dtype, device=real.device)
+    cdf_buf = torch.empty(blocks[0].stop, width, dtype=torch.float64, device=real.device)
+    found = torch.empty_like(sel)
+    for b in blocks:
+        ls = _gather(real, sel[b], gather)
+        cdf = _weights(ls, coeff, mode, cdf_buf[: ls.shape[0]]).cumsum_(-1)
+        total = cdf[:, -1] if final else torch.maximum(cdf[:, -1], 1 / scale)  # Z / scale, from the float64 sum
+        goal = u[pick[b]] * total
+        found[b] = torch.searchsorted(cdf, goal[:, None], right=True).squeeze(-1)
+    tokens[pick] = found.clamp_max(width - 1)
+    return tokens
