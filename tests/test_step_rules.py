@@ -144,6 +144,23 @@ def test_trapezoidal_rows_are_distributions(graph_name, mode, final):
     if graph_name == "absorb":
         stay = x != graph.vocab_size - 1
         assert torch.equal(p[stay].argmax(-1), x[stay]) and (p[stay].max(-1).values == 1).all()
+    # the rule's Poisson step: jump to y in proportion to (1 - theta)(t - s)(a1 R(x*, rho) - a2 R(x0, t))_+
+    a1, a2 = trapezoidal_alphas(0.5)
+    noise = LogLinear(1e-3)
+
+    def rate(l, xx, tt):
+        score = torch.exp(l.double()) * 1.3 if mode == "score" else torch.exp(1.3 * l.double())
+        r = graph.transp_rate(xx) * score.scatter(-1, xx[:, None], 1.0) * noise.rate(torch.tensor(tt, dtype=torch.float64))
+        return r.scatter(-1, xx[:, None], 0.0)
+
+    lam = (0.5 * 0.4) * (a1 * rate(ls, x, 0.6) - a2 * rate(ls0, x0, 0.8)).clamp_min(0.0).scatter(-1, x[:, None], 0.0)
+    moving = lam.sum(-1) > 0
+    if final and graph.absorbing:
+        return
+    jump = p.scatter(-1, x[:, None], 0.0)[moving]
+    want = lam[moving] * (-torch.expm1(-lam[moving].sum(-1, keepdim=True)) / lam[moving].sum(-1, keepdim=True))
+    assert torch.allclose(jump, want, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(p[moving].gather(-1, x[moving, None]).squeeze(-1), torch.exp(-lam[moving].sum(-1)), rtol=1e-9)
 
 
 class ConstantRate(Noise):
@@ -266,10 +283,41 @@ def test_nfe_counts_every_model_call(base, calls, denoise):
     assert model.calls == sampler.nfe == 4 * calls + int(denoise)
 
 
-def test_uniform_graph_trapezoidal_samples_valid_tokens():
-    model = ToyModel("uniform", vocab=6, length=11)
-    out = sample(model, Sampler.plain(4, base="theta-trapezoidal"), torch.arange(3), seed=2)
-    assert out.shape == (3, 11) and (out >= 0).all() and (out < 6).all()
+class Factorised:
+    """The exact concrete score of data whose positions are independent with marginals ``p0`` (L, N):
+    uniform graph s_y = p_t(y) / p_t(x), p_t = e^{-sigma} p0 + (1 - e^{-sigma}) / N; absorb, at a mask,
+    s_y = p0(y) / (e^sigma - 1)."""
+
+    def __init__(self, graph, p0):
+        self.name, self.graph, self.p0 = "factorised", graph, p0
+        self.seq_len, n = p0.shape
+        self.vocab_size = n + (graph == "absorb")
+        self.noise = Geometric(1e-3, 8.0) if graph == "uniform" else LogLinear(1e-3)
+
+    def log_score(self, x, t):
+        sigma = self.noise.total(t.double())[:, None, None]
+        pos = torch.arange(self.seq_len)
+        if self.graph == "uniform":
+            pt = torch.exp(-sigma) * self.p0 + -torch.expm1(-sigma) / self.p0.shape[1]  # (B, L, N)
+            return (pt.log() - pt.gather(-1, x[..., None]).log()).float()
+        ls = self.p0.log().expand(x.shape[0], -1, -1) - torch.log(torch.expm1(sigma))
+        ls = torch.cat([ls, torch.zeros_like(ls[..., :1])], -1)
+        return ls.float().scatter(-1, x[..., None], 0.0)
+
+
+@pytest.mark.parametrize("graph_name", ["absorb", "uniform"])
+@pytest.mark.parametrize("base", ["euler", "tweedie", "theta-trapezoidal"])
+def test_many_steps_on_an_exact_score_draw_the_data_marginals(graph_name, base):
+    """With the exact score of independent positions, a fine grid samples the data distribution: the empirical
+    marginals of 3000 samples lie within 4.5 standard errors of p0 at every position and token."""
+    g = torch.Generator().manual_seed(3)
+    p0 = torch.softmax(1.5 * torch.randn(5, 6, generator=g, dtype=torch.float64), -1)
+    model, n = Factorised(graph_name, p0), 3000
+    out = sample(model, Sampler.plain(64, base=base), torch.arange(n), seed=4)
+    assert (out < p0.shape[1]).all()  # absorb: every mask filled
+    freq = torch.nn.functional.one_hot(out, p0.shape[1]).double().mean(0)
+    se = (p0 * (1 - p0) / n).sqrt()
+    assert ((freq - p0).abs() <= 4.5 * se + 2e-3).all(), (freq - p0).abs().max()
 
 
 # ---- grids --------------------------------------------------------------------------------------
