@@ -36,7 +36,7 @@ import torch
 
 from lsdtool import rng
 from lsdtool.kernels import _CHUNK_ELEMS, Categorical, CommitByScore
-from lsdtool.samplers import Step, advance, count_schedule
+from lsdtool.samplers import Step, advance, unmask_schedule
 
 DEFAULT_GAMMA = 0.1  # diffusers' EntropyBoundScheduler default
 _BISECT = 60  # bisection steps of the masked-fraction -> time map (float64 resolution)
@@ -147,7 +147,7 @@ def confidence_step(run, k: int, x: torch.Tensor) -> Iterator[Step]:
     """Confidence: draw a candidate at every masked position, commit the n_k most confident ones."""
     model, sampler = run.model, run.sampler
     if k == 0:
-        run.state["left"] = count_schedule(model.noise, run.timesteps, run.moving_masks(x).sum(-1))  # (B, M+1)
+        run.state["left"] = unmask_schedule(run, run.moving_masks(x).sum(-1))  # (B, M+1)
         run.state["order"] = tiebreak(run, x)
     t, s, t64, s64, final = run.times(k)
     log_score = run.call(x, t)

@@ -60,6 +60,7 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 @click.option("--gamma", type=float, help="entropy-bound: joint-entropy budget per step  [default: 0.1]; --steps caps the calls.")
 @click.option("--temperature", type=float, help="confidence, entropy-bound: candidate temperature  [default: 1]")
 @click.option("--margin", is_flag=True, help="confidence: rank by top-1 minus top-2 probability instead of the drawn token's.")
+@click.option("--even", is_flag=True, help="count, confidence: commit an even share of the masks per step (LLaDA's split) instead of following the noise schedule.")
 @click.option("--denoise", is_flag=True, help="Add SEDD's final denoise step (one more NFE).")
 @click.option("-n", "num", type=int, callback=bounds.count_range, help="Number of samples  [default: 16, or one per --input line]")
 @click.option("--seed", type=int, default=0, show_default=True, callback=bounds.seed_range, help="0..2**64-1.")
@@ -75,7 +76,7 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 @click.option("--input", "input_path", type=click.Path(dir_okay=False), help="jsonl: line k gives sample k's prefix/suffix, or tokens with nulls to fill.")
 @device_option
 @offline_option
-def sample(model_name, sampler_path, steps, base, gamma, temperature, margin, denoise, num, seed, batch_size, fmt, output, force, shard_spec,
+def sample(model_name, sampler_path, steps, base, gamma, temperature, margin, even, denoise, num, seed, batch_size, fmt, output, force, shard_spec,
            resume, prefix, suffix, input_path, device, offline):
     """Draw samples; one per line on stdout (or -o FILE)."""
     from lsdtool import api, console, generation, merge, sharding
@@ -96,8 +97,8 @@ def sample(model_name, sampler_path, steps, base, gamma, temperature, margin, de
         if not model_name or steps is None:
             raise click.UsageError("give --model and --steps, or --sampler ARTIFACT")
         model = api.load_model(model_name, device=dev, offline=offline)
-        options = {k: v for k, v in (("gamma", gamma), ("temperature", temperature), ("score", "margin" if margin else None))
-                   if v is not None}
+        options = {k: v for k, v in (("gamma", gamma), ("temperature", temperature), ("score", "margin" if margin else None),
+                                     ("counts", "even" if even else None)) if v is not None}
         sampler = Sampler.plain(steps, base=base, denoise=denoise, options=options)
         sampler.check()
     conditions = api.conditions(model, prefix, suffix, input_path)

@@ -37,8 +37,10 @@ def grid_problem(ts: list[float], cs: list[float], base: str, mode: str) -> str 
 
 
 # the options of the step rules that take any (lsdtool.adaptive): name -> allowed values (a tuple) or a check of a number
+COUNTS = ("noise", "even")  # tokens per step: following the grid's masked fraction, or split evenly (LLaDA)
 OPTIONS = {
-    "confidence": {"temperature": lambda v: v > 0, "score": ("probability", "margin")},
+    "count": {"counts": COUNTS},
+    "confidence": {"temperature": lambda v: v > 0, "score": ("probability", "margin"), "counts": COUNTS},
     "entropy-bound": {"temperature": lambda v: v > 0, "gamma": lambda v: v >= 0},
 }
 

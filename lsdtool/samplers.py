@@ -268,6 +268,24 @@ def count_schedule(noise: Noise, timesteps: torch.Tensor, masked: torch.Tensor) 
     return left.cummin(-1).values.to(masked.device)
 
 
+def even_schedule(masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """Masked positions left after each of ``steps`` even steps: (B, M+1) long, column 0 = ``masked`` (B,).
+
+    Step k unmasks masked // M positions, one more for the first masked % M steps (LLaDA's
+    get_num_transfer_tokens, diffusers' even split): L = 10 in 4 steps unmasks [3, 3, 2, 2]."""
+    k = torch.arange(steps, device=masked.device)
+    n = masked[:, None] // steps + (k[None, :] < (masked % steps)[:, None]).long()
+    return torch.cat([masked[:, None], masked[:, None] - n.cumsum(-1)], -1)
+
+
+def unmask_schedule(run: "Run", masked: torch.Tensor) -> torch.Tensor:
+    """Masked positions left after each step (B, M+1) under the sampler's ``counts`` option: the grid's
+    masked fraction (:func:`count_schedule`, default) or an even split (:func:`even_schedule`)."""
+    if run.sampler.options.get("counts", "noise") == "even":
+        return even_schedule(masked, run.sampler.steps)
+    return count_schedule(run.model.noise, run.timesteps, masked)
+
+
 def _rows_call(fn, model, log_score, x, *args, **kw):
     """``fn`` on every position's row, in the canonical layout; (B, L, V') back in the model's layout."""
     graph = graph_of(model)
@@ -425,7 +443,7 @@ def count_step(run: Run, k: int, x: torch.Tensor) -> Iterator[Step]:
     """Count: move exactly the n_k masked positions that come first in the sample's random order."""
     model = run.model
     if k == 0:
-        run.state["left"] = count_schedule(model.noise, run.timesteps, run.moving_masks(x).sum(-1))  # (B, M+1)
+        run.state["left"] = unmask_schedule(run, run.moving_masks(x).sum(-1))  # (B, M+1)
         run.state["order"] = rng.uniforms(run.seed, rng.STREAM_ORDER, run.index, 0, x.shape[1])  # one order per sample
     t, s, t64, s64, final = run.times(k)
     log_score = run.call(x, t)

@@ -128,3 +128,65 @@ def test_artifacts_record_the_graph_and_refuse_another_mask(tmp_path):
     with pytest.raises(LsdError, match="mask_id"):
         Sampler.load(path, model=other)
     Sampler.load(path, model=Permuted())
+
+
+# ---- the family-neutral model interface ------------------------------------------------------------
+
+from lsdtool.diffusion import Uniform  # noqa: E402
+from lsdtool.models.base import DiffusionModel  # noqa: E402
+
+
+class X0Model(DiffusionModel):
+    """A model that predicts x0 only (random per-position logits over the real tokens)."""
+
+    name, fingerprint = "x0", "x0:v1"
+
+    def __init__(self, graph):
+        self.graph, self.vocab_size, self.seq_len, self.noise = graph, graph.vocab_size, 7, LogLinear(1e-3)
+        self.logits = torch.randn(7, graph.n_real, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def x0_log_probs(self, x, t):
+        return self.logits.log_softmax(-1).expand(x.shape[0], -1, -1)
+
+
+@pytest.mark.parametrize("graph", [Absorb(6), Absorb(6, mask_id=2), Uniform(5)])
+def test_an_x0_model_gets_its_log_score_and_back(graph):
+    model = X0Model(graph)
+    x = graph.start_state(torch.arange(3), 0, 7)
+    if graph.absorbing:
+        x[:, :3] = graph.real_token(torch.tensor([0, 3, 4]))
+    t = torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64)
+    ls = model.log_score(x, t)
+    assert ls.shape == (3, 7, graph.vocab_size) and (ls.gather(-1, x[..., None]) == 0).all()
+    back = graph.x0_from_log_score(ls, x, model.noise.total(t))
+    moving = x == graph.mask_id if graph.absorbing else torch.ones_like(x, dtype=torch.bool)
+    want = model.x0_log_probs(x, t)
+    assert torch.allclose(back[moving].exp(), want[moving].exp(), atol=1e-9)
+    sigma = model.noise.total(t)
+    if graph.absorbing:  # at a mask s_y = p(y) / (e^sigma - 1)
+        s = graph.real_columns(ls).exp()[moving]
+        p = want.exp()[moving]
+        assert torch.allclose(s, p / torch.expm1(sigma)[:, None, None].expand(3, 7, 1)[moving], rtol=1e-9)
+    else:  # the definition: s_y = sum_x0 p(x0) q(y | x0) / q(x | x0)
+        a = torch.exp(-sigma)[:, None, None, None]
+        q = a * torch.eye(5, dtype=torch.float64) + (1 - a) / 5  # (B, 1, x0, y)
+        p = want.exp()[..., :, None]  # (B, L, x0, 1)
+        qx = q.expand(3, 7, 5, 5).gather(-1, x[:, :, None, None].expand(3, 7, 5, 1))  # q(x | x0)
+        s = (p * q / qx).sum(-2)
+        assert torch.allclose(ls.exp().scatter(-1, x[..., None], 1.0), s.scatter(-1, x[..., None], 1.0), rtol=1e-9)
+    assert sample(model, Sampler.plain(4), torch.arange(2), 0).shape == (2, 7)
+
+
+def test_the_sequence_length_is_given_per_call():
+    model = Twin()
+    x0 = torch.full((2, 9), V - 1)  # shorter than the model's seq_len
+    out = sample(model, Sampler.plain(3), torch.arange(2), 0, x_init=x0)
+    assert out.shape == (2, 9) and (out != V - 1).all()
+
+
+def test_a_model_with_neither_score_is_refused():
+    class Empty(DiffusionModel):
+        graph, vocab_size, seq_len, noise = Absorb(4), 4, 3, LogLinear(1e-3)
+
+    with pytest.raises(NotImplementedError, match="neither"):
+        Empty().log_score(torch.zeros(1, 3, dtype=torch.long), torch.ones(1))

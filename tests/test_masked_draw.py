@@ -108,3 +108,19 @@ def test_engine_draws_follow_the_reference_probabilities(args):
         if df > 0:
             p_value = torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), chi2 / 2)
             assert p_value > 1e-4, (j, float(chi2), df)
+
+
+@pytest.mark.parametrize("rows_fn,args", RULES)
+def test_the_closed_form_log_prob_is_the_full_rows(rows_fn, args):
+    """Every kernel has the log-probability of a transition: the masked closed form gives the full rows' values."""
+    ls = score_rows()[[0, 1, 2, 5, 6]]
+    x = torch.full((ls.shape[0],), V - 1)
+    kernel = masked_kernel(NOISE, *args) if rows_fn is step_rows else denoise_kernel(x.device)
+    general = Categorical(rows_fn, args)
+    width = general.probs(GRAPH, NOISE, ls.double(), x).shape[1]
+    for y in range(width):
+        target = torch.full_like(x, y)
+        want = general.log_prob(GRAPH, NOISE, ls.double(), x, target)
+        got = kernel.log_prob(GRAPH, NOISE, ls.double(), x, target)
+        finite = want > -600
+        assert torch.equal(finite, got > -600) and torch.allclose(got[finite], want[finite], rtol=1e-10, atol=1e-12)

@@ -331,3 +331,23 @@ def test_power_grid():
     Sampler(g, torch.ones(8, dtype=torch.float64)).check()
     with pytest.raises(ValueError):
         power_grid(4, 0.0)
+
+
+def test_even_schedule_splits_as_llada_does():
+    from lsdtool.samplers import even_schedule
+
+    left = even_schedule(torch.tensor([10, 3, 0]), 4)
+    assert left[0].tolist() == [10, 7, 4, 2, 0]  # [3, 3, 2, 2], not the noise-driven [2, 3, 2, 3]
+    assert left[1].tolist() == [3, 2, 1, 0, 0] and left[2].tolist() == [0] * 5
+
+
+@pytest.mark.parametrize("base", ["count", "confidence"])
+def test_even_counts_commit_the_even_split_per_step(base):
+    model = ToyModel(length=10)
+    sampler = Sampler.plain(4, base=base, options={"counts": "even"})
+    sampler.check()
+    with torch.no_grad():
+        steps = list(iterate(model, sampler, torch.arange(3), seed=1))
+    mask = model.vocab_size - 1
+    done = [int(((st.x == mask) & (st.x_next != mask)).sum(-1).unique()) for st in steps]
+    assert done == [3, 3, 2, 2]

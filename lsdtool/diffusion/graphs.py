@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lsdtool import rng
+from lsdtool.diffusion.noise import NEVER, log_expm1
 
 
 class Graph:
@@ -91,6 +92,15 @@ class Graph:
     def real_token(self, j: torch.Tensor) -> torch.Tensor:
         """The token id of real column j (inverse of :meth:`real_index`)."""
         return j
+
+    def log_score_from_x0(self, log_p0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """log s_y = log sum_x0 p(x0 | x) q_sigma(y | x0) / q_sigma(x | x0): log_p0 (B, L, n_real), x (B, L),
+        sigma = sigma_bar(t) (B,) -> (B, L, V), 0 at the current token."""
+        raise NotImplementedError
+
+    def x0_from_log_score(self, log_score: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """log p(x0 | x) (B, L, n_real) from a log score (B, L, V): the inverse of :meth:`log_score_from_x0`."""
+        raise NotImplementedError
 
     def start_state(self, index: torch.Tensor, seed: int, length: int) -> torch.Tensor:
         """x at t = 1 for the samples with global ids ``index`` (B,): (B, length) long."""
@@ -184,6 +194,27 @@ class Absorb(Graph):
     def real_token(self, j):
         return j if self.canonical else j + (j >= self.mask_id).long()
 
+    def log_score_from_x0(self, log_p0, x, sigma):
+        """At a mask log s_y = log p(y | x) - log(e^sigma - 1) (q(y | x0) = e^{-sigma} [y = x0], q(M | x0) =
+        1 - e^{-sigma}); a real token never moves (NEVER off its own column)."""
+        b, l, _ = log_p0.shape
+        out = log_p0.new_full((b, l, self.vocab_size), NEVER)
+        real = log_p0 - log_expm1(sigma).to(log_p0.dtype)[:, None, None]
+        if self.canonical:
+            out[..., :-1] = real
+        else:
+            out[..., self._real.to(out.device)] = real
+        out[..., self.mask_id] = NEVER
+        out = out.masked_fill((x != self.mask_id)[..., None], NEVER)
+        return out.scatter(-1, x[..., None], 0.0)
+
+    def x0_from_log_score(self, log_score, x, sigma):
+        """At a mask p(y | x) is the score normalised over the real tokens; a real token is its own x0."""
+        lp = torch.log_softmax(self.real_columns(log_score), -1)
+        own = F.one_hot(self.real_index(x.clamp_max(self.vocab_size - 1)).clamp_max(self.n_real - 1), self.n_real)
+        known = torch.where(own.bool(), 0.0, -torch.inf).to(lp.dtype)
+        return torch.where((x == self.mask_id)[..., None], lp, known)
+
     def start_state(self, index, seed, length):
         """All mask."""
         return torch.full((index.shape[0], length), self.mask_id, dtype=torch.long, device=index.device)
@@ -214,6 +245,28 @@ class Uniform(Graph):
     """Uniform graph: every token jumps to a uniformly chosen token at rate sigma'."""
 
     name = "uniform"
+
+    def log_score_from_x0(self, log_p0, x, sigma):
+        """q_sigma(y | x0) = e^{-sigma} [y = x0] + (1 - e^{-sigma}) / N, so with a = e^{-sigma}, b = (1 - a) / N:
+        s_y = p(x) b / (a + b) + p(y) (a + b) / b + 1 - p(x) - p(y) for y != x."""
+        p = log_p0.double().exp()
+        a = torch.exp(-sigma.double())[:, None, None]
+        b = (1 - a) / self.vocab_size
+        px = p.gather(-1, x[..., None])
+        score = px * b / (a + b) + p * (a + b) / b + (1 - px - p)
+        return score.log().to(log_p0.dtype).scatter(-1, x[..., None], 0.0)
+
+    def x0_from_log_score(self, log_score, x, sigma):
+        """Inverting :meth:`log_score_from_x0`: s_y - 1 = (p(y) - p(x) a / (a + b)) a / b for y != x, so with
+        S = sum_{y != x} (s_y - 1), p(x) = (1 - S b / a) / (1 + (N - 1) b / (a + b)) and
+        p(y) = (s_y - 1 + p(x) a / (a + b)) b / a (clamped at 0 and renormalised for an inexact score)."""
+        s = log_score.double().exp().scatter(-1, x[..., None], 1.0)
+        a = torch.exp(-sigma.double())[:, None, None]
+        b = (1 - a) / self.vocab_size
+        total = (s - 1).sum(-1, keepdim=True)
+        px = (1 - total * b / a) / (1 + (self.vocab_size - 1) * b / (a + b))
+        p = ((s - 1 + px * a / (a + b)) * b / a).scatter(-1, x[..., None], px).clamp_min(0.0)
+        return (p / p.sum(-1, keepdim=True)).log().to(log_score.dtype)
 
     def start_state(self, index, seed, length):
         """Uniform tokens, from each sample's own stream."""

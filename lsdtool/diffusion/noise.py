@@ -65,3 +65,11 @@ def make_noise(kind: str, sigma_min: float = 1e-4, sigma_max: float = 20.0, eps:
     if kind == "geometric":
         return Geometric(sigma_min, sigma_max)
     raise ValueError(f"unknown noise schedule {kind!r} (expected loglinear or geometric)")
+
+
+NEVER = -1e4
+
+
+def log_expm1(sigma: torch.Tensor) -> torch.Tensor:
+    """log(e^sigma - 1), with expm1 below 0.5 and exp - 1 above (as SEDD computes it)."""
+    return torch.where(sigma < 0.5, torch.expm1(sigma), torch.exp(sigma) - 1).log()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from lsdtool.diffusion.graphs import Absorb
-from lsdtool.models.ddit import log_expm1
+from lsdtool.diffusion.noise import log_expm1
 
 
 def absorb_score_entropy(log_score: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lsdtool.diffusion import Graph, Noise
+from lsdtool.diffusion import Graph, Noise, graph_of
 
 
 class DiffusionModel:
@@ -26,8 +26,19 @@ class DiffusionModel:
     device: torch.device = torch.device("cpu")
 
     def log_score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """log s_theta(x_t, t): x (B, L) long, t (B,) -> (B, L, V), 0 at the current token; differentiable in t."""
-        raise NotImplementedError
+        """log s_theta(x_t, t): x (B, L) long (any L), t (B,) -> (B, L, V), 0 at the current token; differentiable
+        in t. A model that predicts x0 implements :meth:`x0_log_probs` instead and gets this from its graph."""
+        if type(self).x0_log_probs is DiffusionModel.x0_log_probs:
+            raise NotImplementedError(f"{type(self).__name__} implements neither log_score nor x0_log_probs")
+        graph = graph_of(self)
+        return graph.log_score_from_x0(self.x0_log_probs(x, t), x, self.noise.total(t))
+
+    def x0_log_probs(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """log p_theta(x0 | x_t) over the real tokens: x (B, L), t (B,) -> (B, L, n_real); from :meth:`log_score`
+        unless the model predicts x0 itself."""
+        if type(self).log_score is DiffusionModel.log_score:
+            raise NotImplementedError(f"{type(self).__name__} implements neither log_score nor x0_log_probs")
+        return graph_of(self).x0_from_log_score(self.log_score(x, t), x, self.noise.total(t))
 
     @property
     def mask_id(self) -> int | None:

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lsdtool.diffusion.noise import NEVER, log_expm1  # noqa: F401  (log_expm1: re-exported for the adapters)
 from lsdtool.errors import LsdError
 
 # Rotary frequencies are recomputed from the head size, so checkpoints may carry this buffer or not.
 OPTIONAL_KEYS = ("rotary_emb.inv_freq",)
 # Log score of moves an absorbing reverse process never makes (from unmasked tokens): exp() is 0.
-NEVER = -1e4
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -200,11 +200,6 @@ def freeze(net: nn.Module) -> nn.Module:
     for p in net.parameters():
         p.requires_grad_(False)
     return net
-
-
-def log_expm1(sigma: torch.Tensor) -> torch.Tensor:
-    """log(e^sigma - 1), with expm1 below 0.5 and exp - 1 above (as SEDD computes it)."""
-    return torch.where(sigma < 0.5, torch.expm1(sigma), torch.exp(sigma) - 1).log()
 
 
 def absorb_log_score(logits: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
