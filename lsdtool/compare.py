@@ -98,11 +98,11 @@ class Skip(Exception):
 
 def make_evaluator(model, eval_model: str | None, device, batch_size: int = 8, local_files_only=None, metric=None):
     """The metric(s) of a comparison: ``metric`` (a name, MODULE:FUNCTION, a function, or a list of them),
-    else the countdown figures for a model whose task is countdown, else generative perplexity."""
-    from lsdtool.metrics import make_metrics
+    else the metric of the model's task (countdown's figures), else generative perplexity."""
+    from lsdtool.metrics import default_metric, make_metrics
 
     if metric is None:
-        metric = "countdown" if getattr(model, "task", None) == "countdown" and not eval_model else "gen-ppl"
+        metric = default_metric(model, eval_model)
     return make_metrics(metric, model=model, device=device, eval_model=eval_model, batch_size=batch_size,
                         local_files_only=local_files_only)
 
@@ -365,8 +365,7 @@ def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: in
         raise LsdError("NFE values must be positive integers")
     if n < 1:
         raise LsdError("-n must be at least 1")
-    if any(name == "jys" for name in names) and not data and getattr(model, "task", None) != "countdown" \
-            and jys.supports(model):
+    if any(name == "jys" for name in names) and not data and not jys.task_data(model) and jys.supports(model):
         raise LsdError(f"jys needs clean data for {model.name}: pass --data FILE (jsonl of token ids)")
     evaluator = evaluator or make_evaluator(model, None, dev, metric=metric)
     ctx = CompareSettings(model, n, seed, batch_size, dev, evaluator, cache_dir, teacher_steps, data, jys_samples,

@@ -22,6 +22,7 @@ together. Settings follow the released code: search in (t3 + 1e-3, t1 - 1e-3), t
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import time
@@ -38,6 +39,14 @@ FORMS = ("released", "poisson")
 GOLDEN = 1.618
 _CACHE_ELEMS = 1 << 26  # keep the start-of-interval log rates in memory below this many elements
 VERSION = "1"
+
+
+TASK_DATA = {"countdown": "lsdtool.models.countdown:generate"}  # task -> "module:function" (n, L, generator) -> (n, L)
+
+
+def task_data(model) -> str | None:
+    """The generator of clean data for the model's task, where the task has one built in."""
+    return TASK_DATA.get(getattr(model, "task", None))
 
 
 def supports(model) -> bool:
@@ -213,11 +222,11 @@ def clean_data(model, data: str | None, n: int, seed: int) -> tuple[torch.Tensor
     if data:
         x0 = read_data(data, model.seq_len, n)
         desc = f"file:{Path(data).name}"
-    elif getattr(model, "task", None) == "countdown":
-        from lsdtool.models.countdown import generate
-
+    elif task_data(model):
+        module, _, name = task_data(model).partition(":")
+        generate = getattr(importlib.import_module(module), name)
         x0 = generate(n, model.seq_len, torch.Generator().manual_seed(seed))
-        desc = "countdown.generate"
+        desc = f"{model.task}.{name}"
     else:
         raise LsdError(f"Jump-Your-Steps needs clean data for {model.name}: pass --data FILE (jsonl of token ids)")
     graph = graph_of(model)

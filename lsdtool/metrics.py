@@ -314,6 +314,15 @@ def resolve_metric(spec: str, **context):
     return PerSampleMetric(fn, spec, spec.rpartition(":")[2], identity=f"{spec}@{digest}")
 
 
+TASK_METRICS = {"countdown": "countdown"}  # a model's task -> the metric compare uses by default
+
+
+def default_metric(model, eval_model: str | None = None) -> str:
+    """The metric of the model's task (unless an evaluation LM is named), else generative perplexity."""
+    task_metric = TASK_METRICS.get(getattr(model, "task", None))
+    return task_metric if task_metric and not eval_model else "gen-ppl"
+
+
 def make_metrics(specs, **context):
     """A metric (or :class:`MetricSet`) from one spec or a list of them; ``context`` goes to built-in factories."""
     from lsdtool.errors import LsdError
