@@ -76,10 +76,10 @@ def import_object(spec: str, kind: str, usage: str):
         obj = getattr(obj, part, None)
     if not callable(obj):
         raise LsdError(f"{kind} {spec}: {module_name} has no function {attr!r}")
-    return obj, _source_digest(obj, module)
+    return obj, source_digest(obj, module)
 
 
-def _source_digest(obj, module) -> str:
+def source_digest(obj, module) -> str:
     """sha256 (16 hex) of the file defining ``obj`` (else its module), or ``unknown``."""
     for owner in (obj, module):
         try:
