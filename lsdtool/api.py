@@ -71,8 +71,8 @@ def load_artifact(path: str | Path, model_name: str | None = None, device=None, 
     except UnknownModel:
         if model_name:
             raise
-        raise LsdError(f"{path} was made for model {source!r}, a name given to lsdtool.models.register, and no model "
-                       "of that name is registered now: register it first, or say which model to use (--model)") from None
+        raise LsdError(f"{path} was made for model {source!r}, which is neither built in nor registered now: register "
+                       "it first (lsdtool.models.register), or say which model to use (--model)") from None
     return model, Sampler.load(path, model=model, force=force)
 
 
