@@ -20,7 +20,9 @@ Progress = Callable[[str, float, float], None]
 
 
 def load_model(name_or_path: str, device=None, offline: bool | None = None):
-    """A model by registry name, hub id or local directory, on ``device`` (None or "auto": CUDA when present)."""
+    """A model by registry name, hub id, local directory, MODULE:FACTORY (a module or a .py file and a function
+    returning a DiffusionModel) or a name given to ``lsdtool.models.register``, on ``device`` (None or "auto":
+    CUDA when present)."""
     from lsdtool import generation, models
 
     return models.load(name_or_path, device=generation.pick_device(device), offline=offline)
@@ -62,7 +64,15 @@ def load_artifact(path: str | Path, model_name: str | None = None, device=None, 
     source = model_name or sampler.meta.get("model_source") or sampler.meta.get("model")
     if not source:
         raise LsdError(f"{path} is a plain sampler that names no model; say which model to use (--model)")
-    model = load_model(source, device=device, offline=offline)
+    from lsdtool.models.locate import UnknownModel
+
+    try:
+        model = load_model(source, device=device, offline=offline)
+    except UnknownModel:
+        if model_name:
+            raise
+        raise LsdError(f"{path} was made for model {source!r}, which is neither built in nor registered now: register "
+                       "it first (lsdtool.models.register), or say which model to use (--model)") from None
     return model, Sampler.load(path, model=model, force=force)
 
 

@@ -40,9 +40,13 @@ def jys_path(model_name: str, settings: dict, steps: int, root: Path) -> Path:
 
 def lookup(model_name: str, overrides: dict | None = None, *, cache_dir=None, recipe_file: str | None = None,
            offline: bool | None = None) -> Path | None:
-    """The cached artifact for a model and recipe, found without loading the model (or torch); None on a miss."""
+    """The cached artifact for a model and recipe, found without loading the model (or torch); None on a miss,
+    and for your own models (:mod:`lsdtool.models.own`), known only once built: :func:`load_or_distill` finds theirs."""
+    from lsdtool.models import own
     from lsdtool.models.locate import identify
 
+    if own.is_own(model_name):
+        return None
     name, fingerprint = identify(model_name, offline)
     recipe = recipes.effective(name, recipe_file, overrides)
     path = artifact_path(name, fingerprint, recipe, cache_root(cache_dir))
@@ -68,7 +72,10 @@ def load_or_distill(model, overrides: dict | None = None, *, cache_dir=None, ref
     path = artifact_path(model.name, model.fingerprint, effective, cache_root(cache_dir))
     if path.exists() and not refit:
         try:
-            return Sampler.load(path)
+            sampler = Sampler.load(path)
+            if log is not None:
+                log(f"cache hit: {path}")
+            return sampler
         except LsdError:
             if log is not None:
                 log(f"cached artifact {path} is unreadable; distilling it again")

@@ -49,11 +49,13 @@ def main():
 
 device_option = click.option("--device", default="auto", show_default=True, callback=bounds.device_name,
                              help="torch device (auto: CUDA when present).")
+MODEL_HELP = ("Model: registry name (lsd models), hub id, local directory, or your own as MODULE:FACTORY "
+              "(a module or .py file and a function returning a DiffusionModel).")
 offline_option = click.option("--offline", is_flag=True, default=None, help="Never touch the network (also HF_HUB_OFFLINE=1).")
 
 
 @main.command()
-@click.option("--model", "model_name", help="Model: registry name, hub id or local directory.")
+@click.option("--model", "model_name", help=MODEL_HELP)
 @click.option("--sampler", "sampler_path", type=click.Path(dir_okay=True), help="Distilled sampler artifact (.safetensors); it names the model.")
 @click.option("--steps", type=int, callback=bounds.steps_range, help="Number of steps of a plain sampler.")
 @click.option("--base", type=click.Choice(steprules.NAMES), default="euler", show_default=True, help="Step rule.")
@@ -174,7 +176,7 @@ cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False),
 
 
 @main.command()
-@click.option("--model", "model_name", required=True, help="Model: registry name, hub id or local directory.")
+@click.option("--model", "model_name", required=True, help=MODEL_HELP)
 @click.option("--steps", type=int, callback=bounds.steps_range, help="Student steps M.")
 @click.option("--plus/--no-plus", default=None, help="LSD+: also learn the time schedule.")
 @click.option("--base", type=click.Choice(steprules.DISTILLABLE), default=None, help="Step rule.")
@@ -350,7 +352,7 @@ def _nfe_list(ctx, param, value):
 
 
 @main.command()
-@click.option("--model", "model_name", required=True, help="Model: registry name, hub id or local directory.")
+@click.option("--model", "model_name", required=True, help=MODEL_HELP)
 @click.option("--steps", "nfes", default="8,16,32,64", show_default=True, callback=_nfe_list,
               help="NFE values (model calls per sample), comma-separated.")
 @click.option("--samplers", default="euler,tweedie,lsd,lsd+", show_default=True,

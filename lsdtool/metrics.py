@@ -254,49 +254,6 @@ def gen_ppl_metric(*, model, device, eval_model=None, batch_size: int = 8, local
 BUILTIN_METRICS = {"countdown": countdown_metric, "gen-ppl": gen_ppl_metric}
 
 
-def _import_function(spec: str):
-    """The function named by MODULE:FUNCTION (MODULE a dotted name, importable or in the working
-    directory, or a path to a .py file) and a digest of its source file; LsdError naming ``spec``."""
-    import hashlib
-    import importlib
-    import importlib.util
-    import inspect
-    import os
-    import sys
-
-    from lsdtool.errors import LsdError, first_line
-
-    module_name, _, func_name = spec.rpartition(":")
-    if not module_name or not func_name:
-        raise LsdError(f"metric {spec!r}: use {', '.join(BUILTIN_METRICS)} or MODULE:FUNCTION")
-    try:
-        if module_name.endswith(".py") or os.sep in module_name:
-            path = os.path.abspath(os.path.expanduser(module_name))
-            if not os.path.isfile(path):
-                raise LsdError(f"metric {spec}: no file {module_name}")
-            loader_spec = importlib.util.spec_from_file_location(f"lsd_metric_{hashlib.sha1(path.encode()).hexdigest()[:8]}", path)
-            module = importlib.util.module_from_spec(loader_spec)
-            loader_spec.loader.exec_module(module)
-        else:
-            if os.getcwd() not in sys.path and "" not in sys.path:
-                sys.path.append(os.getcwd())  # as `python -m` would find a module beside the user
-            module = importlib.import_module(module_name)
-    except LsdError:
-        raise
-    except Exception as e:  # ImportError, SyntaxError, anything the module raises at import
-        raise LsdError(f"metric {spec}: cannot import {module_name} ({first_line(e, with_type=True)})") from None
-    fn = getattr(module, func_name, None)
-    if not callable(fn):
-        raise LsdError(f"metric {spec}: {module_name} has no function {func_name!r}")
-    try:
-        source = inspect.getsourcefile(fn) or inspect.getsourcefile(module)
-        with open(source, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    except (TypeError, OSError):
-        digest = "unknown"
-    return fn, digest
-
-
 def resolve_metric(spec: str, **context):
     """One metric: a built-in name (``countdown``, ``gen-ppl``) or a user's MODULE:FUNCTION."""
     from lsdtool.errors import LsdError
@@ -310,7 +267,9 @@ def resolve_metric(spec: str, **context):
         return BUILTIN_METRICS[spec](**context)
     if ":" not in spec:
         raise LsdError(f"unknown metric {spec!r}: use {', '.join(BUILTIN_METRICS)} or MODULE:FUNCTION")
-    fn, digest = _import_function(spec)
+    from lsdtool.plugins import import_object
+
+    fn, digest = import_object(spec, "metric", f"{', '.join(BUILTIN_METRICS)} or MODULE:FUNCTION")
     return PerSampleMetric(fn, spec, spec.rpartition(":")[2], identity=f"{spec}@{digest}")
 
 

@@ -100,6 +100,15 @@ class Sampler:
         self.path = artifacts.save(path, self)
         return self.path
 
+    def __eq__(self, other) -> bool:
+        """Same values: grid, coefficients, rule, mode, denoise, options and metadata (``path`` is not compared)."""
+        if not isinstance(other, Sampler):
+            return NotImplemented
+        same = (self.base, self.mode, self.denoise, self.options, self.meta) == \
+            (other.base, other.mode, other.denoise, other.options, other.meta)
+        return same and all(a.shape == b.shape and torch.equal(a.detach().cpu(), b.detach().cpu())
+                            for a, b in ((self.timesteps, other.timesteps), (self.coeffs, other.coeffs)))
+
     @property
     def fit(self) -> dict:
         """The fit report of a distilled sampler (losses, time, device), {} for others."""

@@ -75,7 +75,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_help_and_the_torch_free_modules_import_no_torch():
     code = ("import sys, lsdtool, lsdtool.cli, lsdtool.steprules, lsdtool.grids, lsdtool.artifacts, lsdtool.cache, "
-            "lsdtool.recipes, lsdtool.locations, lsdtool.models.registry, lsdtool.models.locate\n"
+            "lsdtool.recipes, lsdtool.locations, lsdtool.models.registry, lsdtool.models.locate, lsdtool.models.families, "
+            "lsdtool.models.own, lsdtool.plugins\n"
             "from click.testing import CliRunner\n"
             "assert CliRunner().invoke(lsdtool.cli.main, ['--help']).exit_code == 0\n"
             "assert 'torch' not in sys.modules, 'torch imported'")

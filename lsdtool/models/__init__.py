@@ -1,31 +1,34 @@
 """Model adapters and loading: ``load(name_or_path)`` returns a :class:`DiffusionModel`.
 
-The registry of names (:mod:`lsdtool.models.registry`) and naming a checkpoint without loading it
-(:mod:`lsdtool.models.locate`) are torch-free; loading imports torch.
+The registry of names (:mod:`lsdtool.models.registry`), the table of families
+(:mod:`lsdtool.models.families`), naming a checkpoint without loading it (:mod:`lsdtool.models.locate`)
+and your own models (:mod:`lsdtool.models.own`: :func:`register`, MODULE:FACTORY) are torch-free;
+loading imports torch.
 """
 
 from __future__ import annotations
 
 import os
 
-from lsdtool.models.locate import availability, identify, is_checkpoint_name
+from lsdtool.models import own
+from lsdtool.models.locate import availability, identify
+from lsdtool.models.own import register
 from lsdtool.models.registry import REGISTRY
 
 
 def load(name_or_path: str, device=None, offline: bool | None = None) -> DiffusionModel:
-    """Load a model by short name, hub id or local directory, on ``device`` (default CPU)."""
-    if name_or_path == "countdown":
-        from lsdtool.models.countdown import CountdownModel
-
-        model = CountdownModel()
-    elif is_checkpoint_name(name_or_path):
-        from lsdtool.models.loading import load_pretrained
-
-        model = load_pretrained(name_or_path, offline=offline)
+    """Load a model by short name, hub id, local directory, MODULE:FACTORY or registered name, on ``device``
+    (default CPU)."""
+    if own.is_own(name_or_path):
+        model = own.build(name_or_path)
+        source = own.source(name_or_path)
     else:
-        identify(name_or_path)  # raises the one "unknown model" error
+        from lsdtool.models.loading import load_located
+
+        model = load_located(name_or_path, offline=offline)
+        source = os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
     # How to load this model again (an artifact records it, so `lsd sample --sampler` needs no --model).
-    model.source = os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
+    model.source = source
     return model.to(device or "cpu")
 
 
@@ -37,4 +40,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["DiffusionModel", "REGISTRY", "availability", "identify", "load"]
+__all__ = ["DiffusionModel", "REGISTRY", "availability", "identify", "load", "register"]

@@ -1,4 +1,5 @@
-"""Loading a checkpoint into its adapter, from the hub cache or a local directory.
+"""Loading a located model into its adapter: the family's build function (:mod:`lsdtool.models.families`)
+and, for the checkpoint families, reading their weights.
 
 A model is a directory holding ``config.json`` and one weight file (``model.safetensors`` or
 ``pytorch_model.bin``). Hub ids resolve through the Hugging Face cache, never running remote code.
@@ -13,7 +14,8 @@ import torch
 from lsdtool.errors import LsdError
 from lsdtool.models.base import DiffusionModel
 from lsdtool.models.ddit import freeze, load_weights
-from lsdtool.models.locate import family_name, first_line, locate, read_config
+from lsdtool.models.families import builder
+from lsdtool.models.locate import Located, first_line, locate
 from lsdtool.models.pretrained import PretrainedModel
 
 
@@ -37,23 +39,17 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def family_of(config: dict, path: Path) -> type[PretrainedModel]:
-    """The adapter class for a config (see :func:`locate.family_name`)."""
-    from lsdtool.models.mdlm import MDLM
-    from lsdtool.models.radd import RADD
-    from lsdtool.models.sedd import SEDD
-
-    return {"mdlm": MDLM, "sedd": SEDD, "radd": RADD}[family_name(config, path)]
-
-
 # --- loading -----------------------------------------------------------------------------------
 
 
-def load_pretrained(name_or_path: str, offline: bool | None = None) -> DiffusionModel:
-    """A SEDD, RADD or MDLM adapter from a registry short name, a hub id or a local directory (on CPU)."""
+def load_located(name_or_path: str, offline: bool | None = None) -> DiffusionModel:
+    """The adapter of a registry name, hub id or local directory (on CPU), built by its family's row."""
     found = locate(name_or_path, offline)
-    config = read_config(found.config_path)
-    cls = family_of(config, found.config_path)
+    return builder(found.family)(found.config, found)
+
+
+def load_checkpoint(cls: type[PretrainedModel], config: dict, found: Located) -> PretrainedModel:
+    """A SEDD, RADD or MDLM adapter ``cls`` for ``config`` with the weights of ``found`` (frozen, on CPU)."""
     with torch.device("meta"):  # parameters are assigned from the checkpoint, never initialised
         try:
             model = cls(config, name=found.name, fingerprint=found.fingerprint)

@@ -18,10 +18,9 @@ from pathlib import Path
 from lsdtool import fileio
 from lsdtool.errors import LsdError
 from lsdtool.locations import cache_root
+from lsdtool.models.families import CONFIG_FILES, WEIGHT_FILES, Family, recognise
 from lsdtool.models.registry import REGISTRY
-
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-# Checkpoints shipped inside the package, one directory per registry name (e.g. countdown-net).
+# Models shipped inside the package, one directory per registry name (countdown, countdown-net).
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -30,8 +29,19 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 class Located:
     name: str  # short name (registry name, hub id or directory name)
     config_path: Path
-    weight_path: Path
+    weight_path: Path | None  # None for a code-defined family (no weight file)
     fingerprint: str
+    family: Family
+    config: dict
+
+
+class UnknownModel(LsdError):
+    """A name that is no registry name, hub id, directory, MODULE:FACTORY or registered model."""
+
+
+def unknown(name: str) -> UnknownModel:
+    return UnknownModel(f"unknown model {name!r}: use one of {', '.join(REGISTRY)}, a hub id (owner/name), "
+                        "a local directory, MODULE:FACTORY or a name given to lsdtool.models.register")
 
 
 def _env_offline() -> bool:
@@ -81,26 +91,34 @@ def _hub_file(repo_id: str, filename: str, offline: bool) -> str | None:
                        ) from None
 
 
-def _hub_files(repo_id: str, offline: bool) -> tuple[Path, Path]:
-    """(config.json, weight file) of a hub repo, from the cache or (unless offline) the hub."""
-    try:
-        config = _hub_file(repo_id, "config.json", offline)
-    except _NotCached:
-        raise _not_cached(repo_id) from None
-    if config is None:
-        raise LsdError(f"hub repository {repo_id} has no config.json")
+def _hub_config(repo_id: str, offline: bool) -> Path:
+    """The config file of a hub repo (the first of :data:`CONFIG_FILES` it has), from the cache or the hub."""
+    for fn in CONFIG_FILES:
+        try:
+            config = _hub_file(repo_id, fn, offline)
+        except _NotCached:
+            raise _not_cached(repo_id) from None
+        if config is not None:
+            return Path(config)
+    raise LsdError(f"hub repository {repo_id} has no {' or '.join(CONFIG_FILES)}")
+
+
+def _hub_weights(repo_id: str, family: Family, offline: bool) -> Path | None:
+    """The family's weight file in a hub repo, from the cache or (unless offline) the hub."""
     uncached = False
-    for fn in WEIGHT_FILES:
+    for fn in family.weight_files:
         try:
             weights = _hub_file(repo_id, fn, offline)
         except _NotCached:
             uncached = True
             continue
         if weights is not None:
-            return Path(config), Path(weights)
+            return Path(weights)
     if uncached:
         raise _not_cached(repo_id)
-    raise LsdError(f"hub repository {repo_id} holds neither {' nor '.join(WEIGHT_FILES)}")
+    if family.weight_files:
+        raise LsdError(f"hub repository {repo_id} holds neither {' nor '.join(family.weight_files)}")
+    return None
 
 
 def cached_locally(hub_id: str) -> bool:
@@ -113,14 +131,20 @@ def cached_locally(hub_id: str) -> bool:
     return cached("config.json") and any(cached(fn) for fn in WEIGHT_FILES)
 
 
-def _local_files(directory: Path) -> tuple[Path, Path]:
-    config = directory / "config.json"
-    if not config.is_file():
-        raise LsdError(f"model directory {directory} has no config.json")
-    for fn in WEIGHT_FILES:
+def _local_config(directory: Path) -> Path:
+    for fn in CONFIG_FILES:
         if (directory / fn).is_file():
-            return config, directory / fn
-    raise LsdError(f"model directory {directory} holds neither {' nor '.join(WEIGHT_FILES)}")
+            return directory / fn
+    raise LsdError(f"model directory {directory} has no {' or '.join(CONFIG_FILES)}")
+
+
+def _local_weights(directory: Path, family: Family) -> Path | None:
+    for fn in family.weight_files:
+        if (directory / fn).is_file():
+            return directory / fn
+    if family.weight_files:
+        raise LsdError(f"model directory {directory} holds neither {' nor '.join(family.weight_files)}")
+    return None
 
 
 def first_line(e: Exception) -> str:
@@ -142,14 +166,8 @@ def read_config(path: Path) -> dict:
 
 
 def family_name(config: dict, path: Path) -> str:
-    """``mdlm`` (HF-style config), ``sedd`` (has a graph) or ``radd`` (tokens + model, no graph)."""
-    if config.get("model_type") == "mdlm" or "model_length" in config:
-        return "mdlm"
-    if "graph" in config:
-        return "sedd"
-    if "tokens" in config and "model" in config:
-        return "radd"
-    raise LsdError(f"{path} is not a SEDD, RADD or MDLM config")
+    """The name of the family (:data:`families.FAMILIES`) whose config ``config`` is."""
+    return recognise(config, path).name
 
 
 def file_digest(path: Path) -> str:
@@ -179,14 +197,14 @@ def weight_digest(path: Path) -> str:
 
 
 def locate(name_or_path: str, offline: bool | None = None) -> Located:
-    """Resolve a registry name, hub id or local directory to its files, name and fingerprint."""
+    """Resolve a registry name, hub id or local directory to its config, family, weights, name and fingerprint."""
     offline = _env_offline() if offline is None else bool(offline)
     hub_id = None
     if name_or_path in REGISTRY:
         hub_id, name = REGISTRY[name_or_path], name_or_path
         directory = EMBEDDED_DIR / name_or_path
         if hub_id is None and not directory.is_dir():
-            raise LsdError(f"{name_or_path} is an embedded model, not a checkpoint")
+            raise LsdError(f"{name_or_path} is an embedded model but {directory} is missing: reinstall lsdtool")
     elif os.path.isdir(os.path.expanduser(name_or_path)):
         directory = Path(os.path.expanduser(name_or_path))
         name = directory.resolve().name
@@ -197,31 +215,24 @@ def locate(name_or_path: str, offline: bool | None = None) -> Located:
         hub_id = name_or_path
         name = next((k for k, v in REGISTRY.items() if v == hub_id), hub_id)
     else:
-        raise LsdError(f"unknown model {name_or_path!r}: use a registry name, a hub id (owner/name) or a directory")
-    config_path, weight_path = _hub_files(hub_id, offline) if hub_id else _local_files(directory)
-    family = family_name(read_config(config_path), config_path)
-    if hub_id:
+        raise unknown(name_or_path)
+    config_path = _hub_config(hub_id, offline) if hub_id else _local_config(directory)
+    config = read_config(config_path)
+    family = recognise(config, config_path)
+    weight_path = _hub_weights(hub_id, family, offline) if hub_id else _local_weights(directory, family)
+    if family.fingerprint is not None:  # code-defined: the code's version is the identity
+        fingerprint = family.fingerprint
+    elif hub_id:
         fingerprint = f"hub:{hub_id}@{weight_path.parent.name}"
     else:
-        fingerprint = f"{family}:sha256:{weight_digest(weight_path)}"
-    return Located(name, config_path, weight_path, fingerprint)
-
-
-def is_checkpoint_name(name_or_path: str) -> bool:
-    """Whether ``name_or_path`` is looked up as a checkpoint: a registry name, a directory or a hub id."""
-    return name_or_path in REGISTRY or os.path.isdir(name_or_path) or "/" in name_or_path
+        fingerprint = f"{family.name}:sha256:{weight_digest(weight_path)}"
+    return Located(name, config_path, weight_path, fingerprint, family, config)
 
 
 def identify(name_or_path: str, offline: bool | None = None) -> tuple[str, str]:
     """(name, fingerprint) of a model without loading it or importing torch."""
-    if name_or_path == "countdown":
-        from lsdtool.models.countdown_id import FINGERPRINT
-
-        return "countdown", FINGERPRINT
-    if is_checkpoint_name(name_or_path):
-        found = locate(name_or_path, offline)
-        return found.name, found.fingerprint
-    raise LsdError(f"unknown model {name_or_path!r}: use one of {', '.join(REGISTRY)}, a hub id or a local directory")
+    found = locate(name_or_path, offline)
+    return found.name, found.fingerprint
 
 
 def availability(name: str) -> tuple[str, bool]:

@@ -37,3 +37,10 @@ class MDLM(PretrainedModel):
         """x (B, L), t (B,) -> (B, L, V) float32: log p(y | unmasked) - log(e^sigma_bar - 1) at masked slots."""
         sigma = self.sigma_bar(t, x.shape[0])
         return absorb_log_score(self.logits(x, sigma), x, sigma)
+
+
+def build(config: dict, found) -> MDLM:
+    """The MDLM adapter of a located checkpoint (the family table's entry point)."""
+    from lsdtool.models.loading import load_checkpoint
+
+    return load_checkpoint(MDLM, config, found)

@@ -35,3 +35,10 @@ class RADD(PretrainedModel):
     def log_score(self, x: torch.Tensor, t) -> torch.Tensor:
         """x (B, L), t (B,) -> (B, L, V) float32: log p(y | unmasked) - log(e^sigma_bar - 1) at masked slots."""
         return absorb_log_score(self.net(x), x, self.sigma_bar(t, x.shape[0]))
+
+
+def build(config: dict, found) -> RADD:
+    """The RADD adapter of a located checkpoint (the family table's entry point)."""
+    from lsdtool.models.loading import load_checkpoint
+
+    return load_checkpoint(RADD, config, found)

@@ -42,3 +42,10 @@ class SEDD(PretrainedModel):
             shift = log_expm1(sigma) + math.log(self.vocab_size - 1)
             out = out.sub_(shift.to(out.dtype)[:, None, None])
         return out.scatter_(-1, x[..., None], 0.0)
+
+
+def build(config: dict, found) -> SEDD:
+    """The SEDD adapter of a located checkpoint (the family table's entry point)."""
+    from lsdtool.models.loading import load_checkpoint
+
+    return load_checkpoint(SEDD, config, found)
