@@ -146,12 +146,20 @@ def lsd_overrides(name: str, steps: int, teacher_steps: int | None) -> dict:
 def steps_for(name: str, nfe: int) -> int:
     """Steps that spend ``nfe`` model calls, or :class:`Skip` (entropy-bound: the column, not its cap)."""
     head = name.split(":")[0]
-    calls = steprules.RULES[head].calls_per_step() if head in steprules.RULES else 1
-    if nfe % calls:
-        raise Skip(f"{name} makes {calls} model calls per step; NFE {nfe} is not a multiple of {calls}")
+    rule = steprules.RULES.get(head)
+    if rule is not None and rule.extra_calls:  # calls that depend on the grid: the plain sampler that spends nfe
+        steps = next((k for k in range(1, nfe + 1) if Sampler.plain(k, base=head).nfe == nfe), None)
+        if steps is None:
+            raise Skip(f"no plain {name} sampler spends exactly {nfe} model calls")
+        return steps
+    calls = rule.calls if rule is not None else 1
+    final = rule.final_calls if rule is not None else 0
+    if (nfe - final) % calls or nfe <= final:
+        raise Skip(f"{name} makes {calls} model calls per step" + (f" and {final} after the last" if final else "")
+                   + f"; NFE {nfe} does not fit")
     if name == "jys" and nfe & (nfe - 1):
         raise Skip(f"jys schedules exist for power-of-two step counts; NFE {nfe} is not one")
-    return nfe // calls
+    return (nfe - final) // calls
 
 
 # ---- running ---------------------------------------------------------------------------------------

@@ -42,6 +42,9 @@ OPTIONS = {
     "count": {"counts": COUNTS},
     "confidence": {"temperature": lambda v: v > 0, "score": ("probability", "margin"), "counts": COUNTS},
     "entropy-bound": {"temperature": lambda v: v > 0, "gamma": lambda v: v >= 0},
+    "tau-leaping": {"min_t": lambda v: 0 < v < 1},
+    "tau-leaping-pc": {"min_t": lambda v: 0 < v < 1, "corrector_entry": lambda v: 0 <= v <= 1,
+                       "corrector_steps": lambda v: v >= 0 and v == int(v), "corrector_size": lambda v: v > 0},
 }
 
 

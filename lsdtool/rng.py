@@ -17,6 +17,13 @@ STREAM_ORDER = 2  # position orderings (fixed-count sampler)
 STREAM_FIT = 3  # distillation perturbations
 STREAM_STAGE = 4  # second-stage draws of two-call-per-step rules (theta-trapezoidal)
 STREAM_DATA = 5  # forward-noising of clean data (Jump-Your-Steps KLUB)
+STREAM_JUMPS = 6  # Poisson jump counts of tau-leaping (one per position and target level)
+STREAM_CORRECTOR = 7  # corrector steps of tau-leaping-pc: corrector c of a step uses corrector_stream(c)
+
+
+def corrector_stream(c: int) -> int:
+    """The stream of corrector step c (distinct from every other stream: the others lie below 8)."""
+    return STREAM_CORRECTOR + 8 * int(c)
 
 
 def _mix(h: torch.Tensor) -> torch.Tensor:

@@ -39,12 +39,14 @@ import torch.nn.functional as F
 
 from lsdtool import artifacts, rng, steprules
 from lsdtool.diffusion import Graph, Noise, graph_of
-from lsdtool.kernels import (_CHUNK_ELEMS, Categorical, Kernel, MaskedCategorical, _chunk_elems, denoise_kernel,
-                             draw, masked_kernel, normalise)
+from lsdtool.kernels import (_CHUNK_ELEMS, Categorical, Kernel, MaskedCategorical, PoissonJumps, _chunk_elems,
+                             denoise_kernel, draw, masked_kernel, normalise)
 from lsdtool.grids import grid_problem, options_problem
 
 THETA = 0.5  # theta of the theta-trapezoidal rule
 DEFAULT_EPS = 1e-5
+MIN_T = 0.01  # tau-leaping: the grid's last model time and the final argmax's (tauLDR's CIFAR-10 min_t)
+CORRECTOR_ENTRY, CORRECTOR_STEPS, CORRECTOR_SIZE = 0.1, 10, 1.5  # tau-leaping-pc: tauLDR's CIFAR-10 settings
 
 
 def uniform_grid(steps: int, t_max: float = 1.0, eps: float = DEFAULT_EPS) -> torch.Tensor:
@@ -81,8 +83,11 @@ class Sampler:
     @classmethod
     def plain(cls, steps: int, base: str = "euler", mode: str = "score", denoise: bool = False,
               options: dict | None = None) -> "Sampler":
-        """The untrained sampler: uniform grid, Phi = 1."""
-        return cls(uniform_grid(steps), torch.ones(steps, dtype=torch.float64), base, mode, denoise, options=dict(options or {}))
+        """The untrained sampler: the rule's plain grid (SEDD's uniform one unless the rule names another), Phi = 1."""
+        options = dict(options or {})
+        rule = steprules.rule(base)
+        grid = steprules._resolve(rule.grid)(steps, options) if rule.grid else uniform_grid(steps)
+        return cls(grid, torch.ones(steps, dtype=torch.float64), base, mode, denoise, options=options)
 
     @classmethod
     def load(cls, path: str | Path, model=None, force: bool = False) -> "Sampler":
@@ -122,7 +127,7 @@ class Sampler:
     def nfe(self) -> int:
         """Model calls: every step's calls (two for two-stage rules) plus the optional denoise call (for
         entropy-bound the most a sample can make; it stops once its masks are filled)."""
-        return self.steps * steprules.rule(self.base).calls_per_step(self.options) + int(self.denoise)
+        return steprules.rule(self.base).nfe(self)
 
     def check(self) -> None:
         """Raise ValueError unless the grid and coefficients describe a valid sampler."""
@@ -376,8 +381,19 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
                 local = torch.arange(rows.numel(), device=rows.device)
                 x_flat[rows] = graph.from_canonical(kernel.draw(graph.real_columns(ls_flat[rows].detach()), local, u))
         return x_flat.reshape(x.shape)
+    if isinstance(kernel, PoissonJumps):  # ordinal levels: one uniform per (position, target level)
+        s_levels = graph.vocab_size
+        chunk = max(1, _CHUNK_ELEMS // (4 * s_levels))
+        levels = torch.arange(s_levels, device=x.device)
+        for start in range(0, idx.numel(), chunk):
+            rows = idx[start : start + chunk]
+            lam = kernel.intensity(graph, model.noise, ls_flat[rows].detach(), x_flat[rows])
+            u = rng.uniforms_at(seed, draws[3] if len(draws) > 3 else rng.STREAM_JUMPS, index[rows // l][:, None], step,
+                                (rows % l)[:, None] * s_levels + levels[None, :])
+            x_flat[rows] = kernel.draw(lam, x_flat[rows], u)
+        return x_flat.reshape(x.shape)
     if not isinstance(kernel, Categorical):
-        raise TypeError(f"advance draws categorical kernels, not {type(kernel).__name__}")
+        raise TypeError(f"advance has no draw for {type(kernel).__name__}")
     canon = graph.canonical_graph()
     extra_flat = [r.reshape(x_flat.shape[0], *r.shape[2:]) for r in row_inputs]
     chunk = max(1, _CHUNK_ELEMS // v)
@@ -480,6 +496,86 @@ def trapezoidal_step(run: Run, k: int, x: torch.Tensor) -> Iterator[Step]:
     x_next = advance(model, stage2, log_score_mid, x_mid, (run.seed, run.index, k, rng.STREAM_STAGE), run.fixed,
                      row_inputs=(log_score, x))
     yield Step(k, rho, s, x_mid, log_score_mid, x_next, final, 1)
+
+
+def tau_leaping_grid(steps: int, options: dict) -> torch.Tensor:
+    """tauLDR's grid: linspace(1, min_t, M), then a last step down to the engine's eps (tauLDR: to 0)."""
+    min_t = float(options.get("min_t", MIN_T))
+    head = torch.linspace(1.0, min_t, steps, dtype=torch.float64) if steps > 1 else torch.ones(1, dtype=torch.float64)
+    return torch.cat([head, torch.full((1,), DEFAULT_EPS, dtype=torch.float64)])
+
+
+def jump_intensity(graph: Graph, noise: Noise, log_score, x, t, s, coeff=1.0, mode="score"):
+    """Expected jumps (R, S) to each level over t -> s with the reverse rates of (x, t): (t - s) R_hat."""
+    n = x.shape[0]
+    t, s, coeff = _as_rows(t, n, x), _as_rows(s, n, x), _as_rows(coeff, n, x)
+    return (t - s)[:, None] * _jump_rates(graph, noise, log_score, x, t, coeff, mode)
+
+
+def corrector_intensity(graph: Graph, noise: Noise, log_score, x, t, h, coeff=1.0, mode="score"):
+    """tauLDR's corrector: expected jumps (R, S) over h with the forward plus the reverse rates out of x at t."""
+    n = x.shape[0]
+    t, h, coeff = _as_rows(t, n, x), _as_rows(h, n, x), _as_rows(coeff, n, x)
+    rate = _jump_rates(graph, noise, log_score, x, t, coeff, mode) + noise.rate(t)[:, None] * graph.forward_rate(x)
+    return h[:, None] * rate.scatter(-1, x[:, None], 0.0)
+
+
+def _final_argmax(run: Run, k: int, x: torch.Tensor) -> Step:
+    """tauLDR's last call: every position takes the argmax of p(x0 | x) at min_t (fixed positions kept)."""
+    t = torch.as_tensor(float(run.sampler.options.get("min_t", MIN_T)), dtype=run.timesteps.dtype)
+    with torch.set_grad_enabled(run.grad):
+        lp = run.model.x0_log_probs(x, t.to(device=run.device, dtype=torch.float32).expand(x.shape[0]))
+    best = run.graph.real_token(lp.argmax(-1))
+    x_next = best if run.fixed is None else torch.where(run.fixed, x, best)
+    return Step(k, t, t, x, lp, x_next, True, 1)
+
+
+def tau_leaping_step(run: Run, k: int, x: torch.Tensor) -> Iterator[Step]:
+    """tau-leaping for ordinal data: Poisson jumps to every level with the rates of (x, t), Phi_k scaling
+    them; after the last step, the argmax of p(x0 | x) (one more call)."""
+    t, s, t64, s64, final = run.times(k)
+    log_score = run.call(x, t)
+    kernel = PoissonJumps(jump_intensity, (t64, s64, run.coeffs[k], run.sampler.mode))
+    x_next = advance(run.model, kernel, log_score, x, (run.seed, run.index, k), run.fixed)
+    yield Step(k, t, s, x, log_score, x_next, False)
+    x = x_next
+    del log_score
+    if k == run.sampler.steps - 1:
+        yield _final_argmax(run, k, x)
+
+
+def corrector_steps(sampler) -> int:
+    """Corrector calls of a tau-leaping-pc sampler: ``corrector_steps`` after each step that starts at or
+    below ``corrector_entry`` (tauLDR: 10 calls below t = 0.1)."""
+    entry = float(sampler.options.get("corrector_entry", CORRECTOR_ENTRY))
+    n = int(sampler.options.get("corrector_steps", CORRECTOR_STEPS))
+    return n * int((sampler.timesteps[:-1] <= entry).sum())
+
+
+def tau_leaping_pc_step(run: Run, k: int, x: torch.Tensor) -> Iterator[Step]:
+    """tauLDR's predictor-corrector: a tau-leaping step, then (below ``corrector_entry``) corrector steps of
+    size ``corrector_size`` x h with the forward plus reverse rates at s (not below min_t)."""
+    opts = run.sampler.options
+    t, s, t64, s64, final = run.times(k)
+    log_score = run.call(x, t)
+    kernel = PoissonJumps(jump_intensity, (t64, s64, run.coeffs[k], run.sampler.mode))
+    x_next = advance(run.model, kernel, log_score, x, (run.seed, run.index, k), run.fixed)
+    yield Step(k, t, s, x, log_score, x_next, False)
+    x = x_next
+    del log_score
+    if float(t64) <= float(opts.get("corrector_entry", CORRECTOR_ENTRY)):
+        at = s.clamp_min(float(opts.get("min_t", MIN_T)))
+        at64 = at.detach().double().to(run.device)
+        h = (t64 - s64) * float(opts.get("corrector_size", CORRECTOR_SIZE))
+        for c in range(int(opts.get("corrector_steps", CORRECTOR_STEPS))):
+            log_score = run.call(x, at)
+            kernel = PoissonJumps(corrector_intensity, (at64, h, run.coeffs[k], run.sampler.mode))
+            x_next = advance(run.model, kernel, log_score, x, (run.seed, run.index, k, rng.corrector_stream(c)), run.fixed)
+            yield Step(k, at, at, x, log_score, x_next, False, 2 + c)
+            x = x_next
+            del log_score
+    if k == run.sampler.steps - 1:
+        yield _final_argmax(run, k, x)
 
 
 def iterate(model, sampler: Sampler, index: torch.Tensor, seed: int, x_init=None, fixed=None,

@@ -14,9 +14,9 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-KERNELS = ("categorical", "commit-by-score")  # kernel types of lsdtool.kernels (a categorical step takes its
+KERNELS = ("categorical", "commit-by-score", "poisson-jumps")  # kernel types of lsdtool.kernels (a categorical step takes its
 # closed form, MaskedCategorical, at the masked rows of an absorbing graph)
-GRAPH_WORDS = {"absorb": "an absorbing", "uniform": "a uniform"}  # for messages: "needs an absorbing model"
+GRAPH_WORDS = {"absorb": "an absorbing", "uniform": "a uniform", "gaussian": "an ordinal (gaussian)"}  # for messages: "needs an absorbing model"
 
 
 def _resolve(spec: str):
@@ -37,15 +37,29 @@ class StepRule:
     graphs: tuple[str, ...]  # names of the graphs it runs on
     step: str  # "module:function" of the step generator, imported lazily
     distillable: bool  # LSD can fit its coefficients (its kernel has a one-step likelihood)
-    calls: int | str = 1  # model calls (NFE) per step, or "module:function" of the sampler options -> calls
+    calls: int = 1  # model calls (NFE) per step
+    final_calls: int = 0  # calls after the last step (tau-leaping's final argmax)
+    extra_calls: str | None = None  # "module:function" (sampler) -> calls that depend on the sampler (correctors)
+    grid: str | None = None  # "module:function" (steps, options) -> the plain grid, where not SEDD's uniform one
 
     def step_function(self):
         """The step generator ``step(run, k, x)``, imported on first use."""
         return _resolve(self.step)
 
-    def calls_per_step(self, options: dict | None = None) -> int:
-        """Model calls per step for a sampler with ``options``."""
-        return self.calls if isinstance(self.calls, int) else int(_resolve(self.calls)(dict(options or {})))
+    def calls_per_step(self) -> int:
+        return self.calls
+
+    def nfe(self, sampler) -> int:
+        """Model calls of ``sampler`` with this rule (its optional denoise call included)."""
+        extra = int(_resolve(self.extra_calls)(sampler)) if self.extra_calls else 0
+        return sampler.steps * self.calls + self.final_calls + extra + int(sampler.denoise)
+
+    def steps_for(self, nfe: int) -> int | None:
+        """Steps of a plain sampler that spends ``nfe`` calls (no denoise), or None where none does."""
+        if self.extra_calls:
+            return None  # the calls depend on the grid: the caller searches
+        steps, rest = divmod(nfe - self.final_calls, self.calls)
+        return steps if steps >= 1 and not rest else None
 
     def supports_graph(self, name: str) -> bool:
         return name in self.graphs
@@ -67,6 +81,7 @@ class StepRule:
 
 
 TEXT = ("absorb", "uniform")
+ORDINAL = ("gaussian",)
 RULES: dict[str, StepRule] = {rule.name: rule for rule in (
     StepRule("euler", "categorical", TEXT, "lsdtool.samplers:one_call_step", True),
     StepRule("tweedie", "categorical", TEXT, "lsdtool.samplers:one_call_step", True),
@@ -74,6 +89,10 @@ RULES: dict[str, StepRule] = {rule.name: rule for rule in (
     StepRule("theta-trapezoidal", "categorical", TEXT, "lsdtool.samplers:trapezoidal_step", False, 2),  # second order, theta = 1/2
     StepRule("confidence", "commit-by-score", ("absorb",), "lsdtool.adaptive:confidence_step", False),  # most confident first
     StepRule("entropy-bound", "commit-by-score", ("absorb",), "lsdtool.adaptive:entropy_bound_step", False),  # <= 1 call per sample and step
+    StepRule("tau-leaping", "poisson-jumps", ORDINAL, "lsdtool.samplers:tau_leaping_step", True, final_calls=1,
+             grid="lsdtool.samplers:tau_leaping_grid"),  # tauLDR's, with its final argmax
+    StepRule("tau-leaping-pc", "poisson-jumps", ORDINAL, "lsdtool.samplers:tau_leaping_pc_step", False, final_calls=1,
+             extra_calls="lsdtool.samplers:corrector_steps", grid="lsdtool.samplers:tau_leaping_grid"),  # + correctors
 )}
 NAMES: tuple[str, ...] = tuple(RULES)  # every rule: `lsd sample --base`, compare's plain rows, artifacts
 DISTILLABLE: tuple[str, ...] = tuple(r.name for r in RULES.values() if r.distillable)  # recipe `base`, `lsd distill --base`

@@ -117,6 +117,11 @@ class Graph:
         return rate.scatter(-1, x[:, None], -rate.sum(-1, keepdim=True))
 
     def transp_rate(self, x: torch.Tensor) -> torch.Tensor:
+        """Q(y -> x) (R, V): the forward rate into each row's token from every y (diagonal: minus the row's out-rate)."""
+        raise NotImplementedError
+
+    def forward_rate(self, x: torch.Tensor) -> torch.Tensor:
+        """Q(x -> y) (R, V) for y != x: the forward rates out of each row's token (0 at x)."""
         raise NotImplementedError
 
     def staggered_score(self, score: torch.Tensor, dsigma: torch.Tensor) -> torch.Tensor:
@@ -223,6 +228,12 @@ class Absorb(Graph):
         edge = -F.one_hot(x, self.vocab_size).to(torch.float64)
         return edge + (x == self.vocab_size - 1).to(edge.dtype)[:, None]
 
+    def forward_rate(self, x):
+        """A real token jumps to the mask (canonical: last) at rate 1; the mask never leaves."""
+        rate = torch.zeros(x.shape[0], self.vocab_size, dtype=torch.float64, device=x.device)
+        rate[:, -1] = (x != self.vocab_size - 1).to(rate.dtype)
+        return rate
+
     def staggered_score(self, score, dsigma):
         """s e^{dsigma}, plus (1 - e^{dsigma}) sum(s) on the mask entry (canonical: last)."""
         e = torch.exp(dsigma)[:, None]
@@ -277,6 +288,11 @@ class Uniform(Graph):
         n = self.vocab_size
         edge = torch.full((x.shape[0], n), 1.0 / n, dtype=torch.float64, device=x.device)
         return edge.scatter(-1, x[:, None], -(n - 1) / n)
+
+    def forward_rate(self, x):
+        """1/N to every other token."""
+        rate = torch.full((x.shape[0], self.vocab_size), 1.0 / self.vocab_size, dtype=torch.float64, device=x.device)
+        return rate.scatter(-1, x[:, None], 0.0)
 
     def staggered_score(self, score, dsigma):
         """e^{dsigma} s + ((1 - e^{dsigma}) / N) sum(s)."""
