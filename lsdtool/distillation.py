@@ -22,12 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lsdtool import recipes, rng
+from lsdtool import recipes, rng, steprules
 from lsdtool.errors import LsdError
 from lsdtool.sharding import shard_range
 from lsdtool.diffusion import graph_of
-from lsdtool.kernels import Categorical
-from lsdtool.samplers import DEFAULT_EPS, Sampler, iterate, step_rows, uniform_grid
+from lsdtool.samplers import DEFAULT_EPS, Sampler, iterate, uniform_grid
 
 _NLL_BLOCK = 1 << 24  # float64 elements (128 MiB) of step probabilities per back-propagated block
 _PAPER_MEMORY = 2 << 30  # bytes of cached teacher mass the paper objective may hold
@@ -111,8 +110,12 @@ class TeacherRollout:
         self.final = self.states[-1]
 
     def _uniform_steps(self, steps: int) -> torch.Tensor:
-        """Teacher step indices of the uniform student grid with ``steps`` steps."""
-        return torch.round(torch.linspace(0, self.n_steps, steps + 1, dtype=torch.float64)).long()
+        """Teacher step indices of the plain student grid with ``steps`` steps (the nearest teacher times
+        where the rule has a grid of its own)."""
+        if steprules.rule(self.teacher.base).grid is None:
+            return torch.round(torch.linspace(0, self.n_steps, steps + 1, dtype=torch.float64)).long()
+        student = Sampler.plain(steps, base=self.teacher.base).timesteps
+        return (self.teacher.timesteps[:, None] - student[None, :]).abs().argmin(0)
 
     def uniform_path(self, steps: int) -> list[int]:
         """Candidate indices of the uniform student grid (it is always among the candidates)."""
@@ -166,6 +169,9 @@ class TeacherRollout:
                 local = slice(b0 - rows.start, b0 - rows.start + index.shape[0])
                 interval = 0
                 for step in iterate(model, self.teacher, index, self.seed):
+                    if step.stage != 0:  # a rule's further calls (tau-leaping's final argmax) are not teacher steps
+                        del step
+                        continue
                     if step.k in pos_of:
                         self.states[pos_of[step.k], local] = step.x.cpu()
                     while step.k >= cands[interval + 1]:
@@ -303,7 +309,7 @@ def interval_nll(rollout: TeacherRollout, a: int, b: int, coeff: torch.Tensor, r
     t, s = rollout.times[a].to(dev), rollout.times[b].to(dev)
     ls = rollout.moving_scores(a, rows, moving)
     x, target = graph.to_canonical(x[moving]), graph.to_canonical(rollout.states[b, rows].to(dev)[moving])
-    kernel = Categorical(step_rows, (t, s, recipe["base"], coeff.to(dev), recipe["mode"], final))
+    kernel = steprules.rule(recipe["base"]).one_step_kernel(t, s, recipe["base"], coeff.to(dev), recipe["mode"], final)
     canon = graph.canonical_graph()
     block = max(1, _NLL_BLOCK // model.vocab_size)
     for i in range(0, x.shape[0], block):
@@ -371,7 +377,7 @@ def fit_teacher_path(rollout: TeacherRollout, recipe: dict) -> FitResult:
         per = lambda p: [float(cost[p[i], p[i + 1]]) / rollout.n_samples for i in range(steps)]  # noqa: E731
         fit["schedule_loss_before"], fit["schedule_loss_after"] = per(uniform), per(path)
     coeffs, before, after = fit_coeffs(rollout, path, recipe)
-    timesteps = rollout.times[path].clone() if recipe["plus"] else uniform_grid(steps)
+    timesteps = rollout.times[path].clone() if recipe["plus"] else Sampler.plain(steps, base=recipe["base"]).timesteps
     sampler = Sampler(timesteps, coeffs.double(), recipe["base"], recipe["mode"])
     if recipe["plus"]:
         # "before" is the untrained sampler (uniform grid, Phi = 1), measured by the same likelihood.

@@ -512,6 +512,16 @@ def jump_intensity(graph: Graph, noise: Noise, log_score, x, t, s, coeff=1.0, mo
     return (t - s)[:, None] * _jump_rates(graph, noise, log_score, x, t, coeff, mode)
 
 
+def categorical_step_kernel(t, s, base, coeff, mode, final) -> Categorical:
+    """One euler or tweedie step t -> s as full categorical rows (:func:`step_rows`), for its likelihood."""
+    return Categorical(step_rows, (t, s, base, coeff, mode, final))
+
+
+def jump_step_kernel(t, s, base, coeff, mode, final) -> PoissonJumps:
+    """One tau-leaping step t -> s (its final argmax is not part of the step)."""
+    return PoissonJumps(jump_intensity, (t, s, coeff, mode))
+
+
 def corrector_intensity(graph: Graph, noise: Noise, log_score, x, t, h, coeff=1.0, mode="score"):
     """tauLDR's corrector: expected jumps (R, S) over h with the forward plus the reverse rates out of x at t."""
     n = x.shape[0]

@@ -36,11 +36,20 @@ class StepRule:
     kernel: str  # the kernel type its steps draw with (one of KERNELS)
     graphs: tuple[str, ...]  # names of the graphs it runs on
     step: str  # "module:function" of the step generator, imported lazily
-    distillable: bool  # LSD can fit its coefficients (its kernel has a one-step likelihood)
+    one_step: str | None  # "module:function" (t, s, base, coeff, mode, final) -> the kernel of one student step,
+    # whose likelihood LSD fits; None: the rule cannot be distilled
     calls: int = 1  # model calls (NFE) per step
     final_calls: int = 0  # calls after the last step (tau-leaping's final argmax)
     extra_calls: str | None = None  # "module:function" (sampler) -> calls that depend on the sampler (correctors)
     grid: str | None = None  # "module:function" (steps, options) -> the plain grid, where not SEDD's uniform one
+
+    @property
+    def distillable(self) -> bool:
+        return self.one_step is not None
+
+    def one_step_kernel(self, *args):
+        """The kernel of one step t -> s of this rule (:mod:`lsdtool.kernels`), for the teacher-path likelihood."""
+        return _resolve(self.one_step)(*args)
 
     def step_function(self):
         """The step generator ``step(run, k, x)``, imported on first use."""
@@ -83,15 +92,15 @@ class StepRule:
 TEXT = ("absorb", "uniform")
 ORDINAL = ("gaussian",)
 RULES: dict[str, StepRule] = {rule.name: rule for rule in (
-    StepRule("euler", "categorical", TEXT, "lsdtool.samplers:one_call_step", True),
-    StepRule("tweedie", "categorical", TEXT, "lsdtool.samplers:one_call_step", True),
-    StepRule("count", "categorical", ("absorb",), "lsdtool.samplers:count_step", False),  # fixed-count random order
-    StepRule("theta-trapezoidal", "categorical", TEXT, "lsdtool.samplers:trapezoidal_step", False, 2),  # second order, theta = 1/2
-    StepRule("confidence", "commit-by-score", ("absorb",), "lsdtool.adaptive:confidence_step", False),  # most confident first
-    StepRule("entropy-bound", "commit-by-score", ("absorb",), "lsdtool.adaptive:entropy_bound_step", False),  # <= 1 call per sample and step
-    StepRule("tau-leaping", "poisson-jumps", ORDINAL, "lsdtool.samplers:tau_leaping_step", True, final_calls=1,
+    StepRule("euler", "categorical", TEXT, "lsdtool.samplers:one_call_step", "lsdtool.samplers:categorical_step_kernel"),
+    StepRule("tweedie", "categorical", TEXT, "lsdtool.samplers:one_call_step", "lsdtool.samplers:categorical_step_kernel"),
+    StepRule("count", "categorical", ("absorb",), "lsdtool.samplers:count_step", None),  # fixed-count random order
+    StepRule("theta-trapezoidal", "categorical", TEXT, "lsdtool.samplers:trapezoidal_step", None, 2),  # second order, theta = 1/2
+    StepRule("confidence", "commit-by-score", ("absorb",), "lsdtool.adaptive:confidence_step", None),  # most confident first
+    StepRule("entropy-bound", "commit-by-score", ("absorb",), "lsdtool.adaptive:entropy_bound_step", None),  # <= 1 call per sample and step
+    StepRule("tau-leaping", "poisson-jumps", ORDINAL, "lsdtool.samplers:tau_leaping_step", "lsdtool.samplers:jump_step_kernel", final_calls=1,
              grid="lsdtool.samplers:tau_leaping_grid"),  # tauLDR's, with its final argmax
-    StepRule("tau-leaping-pc", "poisson-jumps", ORDINAL, "lsdtool.samplers:tau_leaping_pc_step", False, final_calls=1,
+    StepRule("tau-leaping-pc", "poisson-jumps", ORDINAL, "lsdtool.samplers:tau_leaping_pc_step", None, final_calls=1,
              extra_calls="lsdtool.samplers:corrector_steps", grid="lsdtool.samplers:tau_leaping_grid"),  # + correctors
 )}
 NAMES: tuple[str, ...] = tuple(RULES)  # every rule: `lsd sample --base`, compare's plain rows, artifacts
