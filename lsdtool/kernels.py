@@ -109,6 +109,45 @@ class CommitByScore(Kernel):
         return self.candidates.log_prob(graph, noise, log_score, x, y, *extra)
 
 
+@dataclass(frozen=True, eq=False)
+class StayOrJump(Kernel):
+    """Euler on a graph whose reverse rate to every other token is scale w_y (uniform: scale = c Phi / N):
+    p_y = scale w_y (y != x), p_x = 1 - scale sum w, clamped and renormalised. A row stays iff its uniform
+    falls in x's segment of the CDF, [A, A + p_x) times Z = max(scale sum w, 1), A = scale sum_{y < x} w_y:
+    two float32 sums decide that for all but the rows within a relative band of a boundary; the rows that
+    move (or are too close to call) are drawn from the ``exact`` full rows, so every token is the full-row draw."""
+
+    scale: torch.Tensor
+    coeff: torch.Tensor
+    mode: str
+    exact: Categorical
+    kind = "categorical"
+
+    def log_prob(self, graph, noise, log_score, x, y, *extra):
+        return self.exact.log_prob(graph, noise, log_score, x, y, *extra)
+
+    def stays(self, log_score: torch.Tensor, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """(R,) bool: rows certain to keep their token for uniforms u (R,); log_score (R, V)."""
+        width = log_score.shape[1]
+        out = torch.zeros_like(u, dtype=torch.bool)
+        blocks = _row_blocks(torch.arange(x.shape[0], device=x.device), width)
+        work = torch.empty(blocks[0].stop, width, dtype=torch.float32, device=x.device)
+        cols = torch.arange(width, device=x.device)
+        for b in blocks:
+            w = _weights(log_score[b].detach(), self.coeff, self.mode, work[: b.stop - b.start])
+            w.scatter_(-1, x[b, None], 0.0)
+            total = w.sum(-1, dtype=torch.float64)
+            before = torch.where(cols[None, :] < x[b, None], w, 0.0).sum(-1, dtype=torch.float64)
+            jump, a = self.scale * total, self.scale * before
+            zed = jump.clamp_min(1.0)
+            goal = u[b] * zed
+            hi = a + (1 - jump).clamp_min(0.0)
+            band = _GUARD * zed
+            ok = torch.isfinite(total) & (jump < 1 - 1e-6)
+            out[b] = ok & (goal >= a + band) & (goal < hi - band)
+        return out
+
+
 def masked_kernel(noise, t, s, base: str, coeff, mode: str, final: bool) -> MaskedCategorical | None:
     """The closed form of an euler, tweedie or count step at masked rows, or None where it does not apply
     (a per-row Phi or times, a non-positive Phi in score mode, whose rows the general rule clamps)."""

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from lsdtool import artifacts, rng, steprules
 from lsdtool.diffusion import Graph, Noise, graph_of
-from lsdtool.kernels import (_CHUNK_ELEMS, Categorical, Kernel, MaskedCategorical, PoissonJumps, _chunk_elems,
+from lsdtool.kernels import (_CHUNK_ELEMS, Categorical, Kernel, MaskedCategorical, PoissonJumps, StayOrJump, _chunk_elems,
                              denoise_kernel, draw, masked_kernel, normalise)
 from lsdtool.grids import grid_problem, options_problem
 
@@ -168,6 +168,22 @@ def _masked_rows(noise: Noise, log_score, t, s, base, coeff, mode, final):
     c = (t - s) * noise.rate(t) if base == "euler" else torch.expm1(noise.total(t) - noise.total(s))
     jump = c[:, None] * score
     return normalise(torch.cat([jump, 1 - jump.sum(-1, keepdim=True)], -1))
+
+
+def stay_or_jump_kernel(graph: Graph, noise: Noise, t, s, base, coeff, mode, final) -> StayOrJump | None:
+    """The fast-decision kernel of an euler step on a graph whose reverse rates out of x are one constant
+    times the score (``graph.constant_rate``, uniform: 1/N), or None where it does not apply."""
+    rate = getattr(graph, "constant_rate", None)
+    coeff, t, s = (torch.as_tensor(v, dtype=torch.float64) for v in (coeff, t, s))
+    if rate is None or base != "euler" or mode not in ("score", "temperature") or \
+            max(coeff.numel(), t.numel(), s.numel()) != 1:
+        return None
+    coeff, t, s = coeff.reshape(()), t.reshape(()), s.reshape(())
+    if mode == "score" and not bool(coeff > 0):
+        return None
+    c = (t - s) * noise.rate(t) * rate
+    exact = Categorical(step_rows, (t, s, base, coeff, mode, final))
+    return StayOrJump(c * coeff if mode == "score" else c, coeff, mode, exact)
 
 
 def step_rows(graph: Graph, noise: Noise, log_score, x, t, s, base="euler", coeff=1.0, mode="score", final=False):
@@ -392,6 +408,18 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
                                 (rows % l)[:, None] * s_levels + levels[None, :])
             x_flat[rows] = kernel.draw(lam, x_flat[rows], u)
         return x_flat.reshape(x.shape)
+    if isinstance(kernel, StayOrJump):  # decide the rows that stay from two float32 sums; draw the others exactly
+        canon = graph.canonical_graph()
+        chunk = max(1, _CHUNK_ELEMS // v)
+        for start in range(0, idx.numel(), chunk):
+            rows = idx[start : start + chunk]
+            u = rng.uniforms_at(seed, stream, index[rows // l], step, rows % l)
+            go = ~kernel.stays(ls_flat[rows], x_flat[rows], u)
+            if bool(go.any()):
+                moving_rows = rows[go]
+                probs = kernel.exact.probs(canon, model.noise, ls_flat[moving_rows].detach(), x_flat[moving_rows])
+                x_flat[moving_rows] = draw(probs, u[go])
+        return x_flat.reshape(x.shape)
     if not isinstance(kernel, Categorical):
         raise TypeError(f"advance has no draw for {type(kernel).__name__}")
     canon = graph.canonical_graph()
@@ -451,7 +479,10 @@ class Run:
         """The kernel of an euler, tweedie or count step k: the closed form at masked rows where the graph
         has a mask and the form applies, else the categorical rows of :func:`step_rows`."""
         args = (t64, s64, base, self.coeffs[k], self.sampler.mode, final)
-        fast = masked_kernel(self.model.noise, *args) if self.graph.absorbing else None
+        if self.graph.absorbing:
+            fast = masked_kernel(self.model.noise, *args)
+        else:
+            fast = stay_or_jump_kernel(self.graph, self.model.noise, *args)
         return fast if fast is not None else Categorical(step_rows, args)
 
 

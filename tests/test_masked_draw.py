@@ -124,3 +124,46 @@ def test_the_closed_form_log_prob_is_the_full_rows(rows_fn, args):
         got = kernel.log_prob(GRAPH, NOISE, ls.double(), x, target)
         finite = want > -600
         assert torch.equal(finite, got > -600) and torch.allclose(got[finite], want[finite], rtol=1e-10, atol=1e-12)
+
+
+# ---- the uniform graph: rows that stay are decided from float32 sums ------------------------------
+
+@pytest.mark.parametrize("args", [(0.6, 0.55, "euler", 1.0, "score", False), (0.3, 0.25, "euler", 0.7, "temperature", False),
+                                  (0.9, 0.2, "euler", 1.4, "score", True)])
+def test_uniform_euler_keeps_the_full_row_draw_for_every_uniform(args):
+    """Uniforms on a grid and a relative 1e-9 either side of every CDF boundary (including both ends of the
+    stay segment): the fast decision plus exact movers gives exactly the full-row draw."""
+    from lsdtool.diffusion import Uniform
+    from lsdtool.samplers import stay_or_jump_kernel
+
+    graph, noise = Uniform(V), LogLinear(1e-3)
+    g = torch.Generator().manual_seed(2)
+    ls = torch.randn(6, V, generator=g) * 1.5 - 3.0
+    ls[3] -= 120.0  # underflows in float32
+    x = torch.tensor([0, 3, 7, 5, 1, 6])
+    ls = ls.scatter(-1, x[:, None], 0.0)
+    kernel = stay_or_jump_kernel(graph, noise, *args)
+    assert kernel is not None
+    probs = kernel.exact.probs(graph, noise, ls.double(), x)
+    grid = (torch.arange(2000, dtype=torch.float64) + 0.5) / 2000
+    edges = probs.cumsum(-1)[:, :-1].clamp(1e-12, 1 - 1e-12)
+    near = torch.cat([edges * (1 - 1e-9), edges * (1 + 1e-9)], -1).clamp_max(1 - 1e-16)
+    u = torch.cat([grid.expand(6, -1), near], -1)
+    r, gcount = u.shape
+    rows = torch.arange(r).repeat_interleave(gcount)
+    stays = kernel.stays(ls[rows], x[rows], u.reshape(-1))
+    want = draw(probs[rows], u.reshape(-1))
+    assert (want[stays] == x[rows][stays]).all()  # every decided stay is a stay of the full-row draw
+    assert stays.float().mean() > 0.2  # and the fast decision does decide most stays
+    class Fixed:
+        graph, vocab_size, noise = Uniform(V), V, LogLinear(1e-3)
+        seq_len = 6
+
+        def log_score(self, xx, t):
+            return ls.expand(xx.shape[0], -1, -1)
+
+    model, n = Fixed(), 3000
+    xs = x.expand(n, -1).clone()
+    fast = advance(model, kernel, model.log_score(xs, None), xs, (5, torch.arange(n), 1), None)
+    slow = advance(model, kernel.exact, model.log_score(xs, None), xs, (5, torch.arange(n), 1), None)
+    assert torch.equal(fast, slow)

@@ -143,6 +143,9 @@ class Graph:
     def __str__(self) -> str:
         return self.name
 
+    def __format__(self, spec: str) -> str:
+        return format(self.name, spec)
+
     def __repr__(self) -> str:
         params = "".join(f", {k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}(vocab_size={self.vocab_size}{params})"
@@ -256,6 +259,11 @@ class Uniform(Graph):
     """Uniform graph: every token jumps to a uniformly chosen token at rate sigma'."""
 
     name = "uniform"
+
+    @property
+    def constant_rate(self) -> float:
+        """Q(y -> x) is 1/N for every y != x: the reverse rates out of x are the scores over N."""
+        return 1.0 / self.vocab_size
 
     def log_score_from_x0(self, log_p0, x, sigma):
         """q_sigma(y | x0) = e^{-sigma} [y = x0] + (1 - e^{-sigma}) / N, so with a = e^{-sigma}, b = (1 - a) / N:
