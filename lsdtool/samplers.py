@@ -571,16 +571,19 @@ def _final_argmax(run: Run, k: int, x: torch.Tensor) -> Step:
     return Step(k, t, t, x, lp, x_next, True, 1)
 
 
-def tau_leaping_step(run: Run, k: int, x: torch.Tensor) -> Iterator[Step]:
-    """tau-leaping for ordinal data: Poisson jumps to every level with the rates of (x, t), Phi_k scaling
-    them; after the last step, the argmax of p(x0 | x) (one more call)."""
-    t, s, t64, s64, final = run.times(k)
+def _tau_leap(run: Run, k: int, x: torch.Tensor):
+    """One tau-leaping step k (Poisson jumps with the rates of (x, t), Phi_k scaling them); returns x after it."""
+    t, s, t64, s64, _ = run.times(k)
     log_score = run.call(x, t)
     kernel = PoissonJumps(jump_intensity, (t64, s64, run.coeffs[k], run.sampler.mode))
     x_next = advance(run.model, kernel, log_score, x, (run.seed, run.index, k), run.fixed)
     yield Step(k, t, s, x, log_score, x_next, False)
-    x = x_next
-    del log_score
+    return x_next
+
+
+def tau_leaping_step(run: Run, k: int, x: torch.Tensor) -> Iterator[Step]:
+    """tau-leaping for ordinal data; after the last step, the argmax of p(x0 | x) (one more call)."""
+    x = yield from _tau_leap(run, k, x)
     if k == run.sampler.steps - 1:
         yield _final_argmax(run, k, x)
 
@@ -597,13 +600,8 @@ def tau_leaping_pc_step(run: Run, k: int, x: torch.Tensor) -> Iterator[Step]:
     """tauLDR's predictor-corrector: a tau-leaping step, then (below ``corrector_entry``) corrector steps of
     size ``corrector_size`` x h with the forward plus reverse rates at s (not below min_t)."""
     opts = run.sampler.options
-    t, s, t64, s64, final = run.times(k)
-    log_score = run.call(x, t)
-    kernel = PoissonJumps(jump_intensity, (t64, s64, run.coeffs[k], run.sampler.mode))
-    x_next = advance(run.model, kernel, log_score, x, (run.seed, run.index, k), run.fixed)
-    yield Step(k, t, s, x, log_score, x_next, False)
-    x = x_next
-    del log_score
+    x = yield from _tau_leap(run, k, x)
+    t, s, t64, s64, _ = run.times(k)
     if float(t64) <= float(opts.get("corrector_entry", CORRECTOR_ENTRY)):
         at = s.clamp_min(float(opts.get("min_t", MIN_T)))
         at64 = at.detach().double().to(run.device)
