@@ -141,13 +141,16 @@ class Gaussian(Graph):
         denom = q.transpose(1, 2)[torch.arange(x.shape[0], device=x.device)[:, None], x]  # (B, D, S): q(x | x0)
         return (p0 / (denom + eps)) @ q
 
-    def log_score(self, p0: torch.Tensor, x: torch.Tensor, t: torch.Tensor, eps: float = EPS_RATIO) -> torch.Tensor:
-        """log s_y (B, D, S), 0 at the current token, -inf where s_y = 0; gradients stay finite."""
-        s = self.score(p0, x, t, eps)
+    def log_score(self, p0: torch.Tensor, x: torch.Tensor, t: torch.Tensor, eps: float = EPS_RATIO,
+                  zero: float = -math.inf) -> torch.Tensor:
+        """log s_y (B, D, S) in p0's dtype, 0 at the current token and ``zero`` where s_y = 0. The sum runs in
+        float64: float32 tails reach subnormal s_y, whose 1/s_y overflows the gradient (pass p0 in float64
+        too when gradients flow into it)."""
+        s = self.score(p0.to(torch.float64), x, t, eps)
         pos = s > 0
-        out = torch.where(pos, torch.log(torch.where(pos, s, torch.ones((), dtype=s.dtype, device=s.device))),
-                          torch.full((), -math.inf, dtype=s.dtype, device=s.device))
-        return out.scatter(-1, x[..., None], 0.0)
+        out = torch.log(torch.where(pos, s, torch.ones((), dtype=s.dtype, device=s.device)))
+        out = torch.where(pos, out, torch.full((), zero, dtype=s.dtype, device=s.device))
+        return out.scatter(-1, x[..., None], 0.0).to(p0.dtype)
 
     def reverse_rates(self, p0: torch.Tensor, x: torch.Tensor, t: torch.Tensor, eps: float = EPS_RATIO
                       ) -> torch.Tensor:
