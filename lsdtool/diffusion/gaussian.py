@@ -15,8 +15,19 @@ import torch
 
 from lsdtool.diffusion.graphs import Graph
 
+_SPECTRA: dict = {}  # params -> (R, eig): an eigh of a 256 x 256 matrix is not free, and loads repeat
 ZERO_BELOW = 1e-8  # tauLDR zeroes every q_{t|0} entry below this (float32 noise in its eig-based product)
 EPS_RATIO = 1e-9  # tauLDR's eps in q(y|x0) / (q(x|x0) + eps)
+
+
+def _spectrum(graph: "Gaussian") -> tuple:
+    """(R, its symmetrised eigendecomposition) of a graph, computed once per parameter set (on CPU)."""
+    key = (graph.S, graph.rate_sigma, graph.Q_sigma)
+    if key not in _SPECTRA:
+        with torch.device("cpu"):
+            R = graph._base_rate()
+            _SPECTRA[key] = (R, graph._symmetric_eig(R))
+    return _SPECTRA[key]
 
 
 class Gaussian(Graph):
@@ -35,9 +46,8 @@ class Gaussian(Graph):
                        "time_base": float(time_base), "time_exponential": float(time_exponential)}
         self.S, self.rate_sigma, self.Q_sigma = int(S), float(rate_sigma), float(Q_sigma)
         self.time_base, self.time_exponential = float(time_base), float(time_exponential)
-        self._R = self._base_rate()
-        self._eig = self._symmetric_eig()
         self._dev: dict = {}
+        self._R, self._eig = _spectrum(self)
 
     # --- the base rate and its spectrum (float64) ---------------------------------------------------
 
@@ -63,10 +73,10 @@ class Gaussian(Graph):
         lp = -(k1**2 - self.S * k1) / (2 * self.Q_sigma**2)
         return lp - lp.max()
 
-    def _symmetric_eig(self):
+    def _symmetric_eig(self, R: torch.Tensor):
         """(lambda (S,), U (S, S), pi^{-1/2}, pi^{1/2}) with pi^{1/2} R pi^{-1/2} = U diag(lambda) U^T."""
         half = 0.5 * self._log_pi()
-        a = torch.exp(half)[:, None] * self._R * torch.exp(-half)[None, :]
+        a = torch.exp(half)[:, None] * R * torch.exp(-half)[None, :]
         lam, u = torch.linalg.eigh(0.5 * (a + a.T))
         return lam, u, torch.exp(-half), torch.exp(half)
 

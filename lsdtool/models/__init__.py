@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-from lsdtool.models.locate import availability, identify, is_checkpoint_name
-from lsdtool.models.registry import REGISTRY
+from lsdtool.models.locate import availability, find_tauldr, identify, is_checkpoint_name
+from lsdtool.models.registry import DOWNLOAD_ONLY, REGISTRY
 
 
 def load(name_or_path: str, device=None, offline: bool | None = None) -> DiffusionModel:
@@ -18,6 +18,10 @@ def load(name_or_path: str, device=None, offline: bool | None = None) -> Diffusi
         from lsdtool.models.countdown import CountdownModel
 
         model = CountdownModel()
+    elif find_tauldr(name_or_path) is not None:
+        from lsdtool.models.tauldr import load_tauldr
+
+        model = load_tauldr(name_or_path)
     elif is_checkpoint_name(name_or_path):
         from lsdtool.models.loading import load_pretrained
 
@@ -25,7 +29,7 @@ def load(name_or_path: str, device=None, offline: bool | None = None) -> Diffusi
     else:
         identify(name_or_path)  # raises the one "unknown model" error
     # How to load this model again (an artifact records it, so `lsd sample --sampler` needs no --model).
-    model.source = os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
+    model.source = os.path.abspath(name_or_path) if os.path.exists(name_or_path) else name_or_path
     return model.to(device or "cpu")
 
 
@@ -37,4 +41,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["DiffusionModel", "REGISTRY", "availability", "identify", "load"]
+__all__ = ["DiffusionModel", "DOWNLOAD_ONLY", "REGISTRY", "availability", "identify", "load"]

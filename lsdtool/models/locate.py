@@ -4,6 +4,11 @@ A model is a directory holding ``config.json`` and one weight file (``model.safe
 ``pytorch_model.bin``); hub ids resolve through the Hugging Face cache. The fingerprint is the hub
 revision, or a digest of the weight file (remembered per path, size and mtime so a repeated
 command does not hash a large file again).
+
+tauLDR image models (DESIGN §12) come in two layouts instead: the authors' published folder
+(``config_001.yaml`` or ``config.yaml`` beside ``ckpt_*.pt``) and a training run
+(``config/config_NNN.yaml``, ``checkpoints/ckpt_*.pt``); the newest config and checkpoint are used
+unless a checkpoint file is named.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 from lsdtool import fileio
 from lsdtool.errors import LsdError
 from lsdtool.locations import cache_root
-from lsdtool.models.registry import REGISTRY
+from lsdtool.models.registry import DOWNLOAD_ONLY, REGISTRY
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Checkpoints shipped inside the package, one directory per registry name (e.g. countdown-net).
@@ -30,7 +35,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 class Located:
     name: str  # short name (registry name, hub id or directory name)
     config_path: Path
-    weight_path: Path
+    weight_path: Path  # the weight file (a tauLDR checkpoint: ckpt_*.pt)
     fingerprint: str
 
 
@@ -207,6 +212,48 @@ def locate(name_or_path: str, offline: bool | None = None) -> Located:
     return Located(name, config_path, weight_path, fingerprint)
 
 
+# --- tauLDR checkpoints: a yaml config beside ckpt_*.pt, or a training run's config/ and checkpoints/ ---------
+
+
+def _newest(directory: Path, pattern: str) -> Path | None:
+    found = sorted(p for p in directory.glob(pattern) if p.is_file())
+    return found[-1] if found else None  # names are zero-padded counters (ckpt_0001999999.pt, config_002.yaml)
+
+
+def _config_in(directory: Path) -> Path | None:
+    for d in (directory, directory / "config"):
+        found = _newest(d, "config_*.yaml") or (d / "config.yaml" if (d / "config.yaml").is_file() else None)
+        if found is not None:
+            return found
+    return None
+
+
+def _checkpoint_in(directory: Path) -> Path | None:
+    return _newest(directory, "ckpt_*.pt") or _newest(directory / "checkpoints", "ckpt_*.pt")
+
+
+def find_tauldr(path: str) -> tuple[Path, Path] | None:
+    """(config, checkpoint) when ``path`` is a tauLDR folder or a checkpoint file beside its config, else None."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".pt":
+        config = _config_in(p.parent) or _config_in(p.parent.parent)
+        return (config, p) if config is not None else None
+    if not p.is_dir():
+        return None
+    config, ckpt = _config_in(p), _checkpoint_in(p)
+    return (config, ckpt) if config is not None and ckpt is not None else None
+
+
+def locate_tauldr(path: str) -> Located:
+    """The files, name and fingerprint of a tauLDR checkpoint at ``path``; LsdError if there is none."""
+    found = find_tauldr(path)
+    if found is None:
+        raise LsdError(f"{path} holds no tauLDR checkpoint (a config yaml with ckpt_*.pt, or config/ and checkpoints/)")
+    config, ckpt = found
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return Located(run.resolve().name, config, ckpt, f"tauldr:sha256:{weight_digest(ckpt)}")
+
+
 def is_checkpoint_name(name_or_path: str) -> bool:
     """Whether ``name_or_path`` is looked up as a checkpoint: a registry name, a directory or a hub id."""
     return name_or_path in REGISTRY or os.path.isdir(name_or_path) or "/" in name_or_path
@@ -218,14 +265,21 @@ def identify(name_or_path: str, offline: bool | None = None) -> tuple[str, str]:
         from lsdtool.models.countdown_id import FINGERPRINT
 
         return "countdown", FINGERPRINT
+    if find_tauldr(name_or_path) is not None:
+        found = locate_tauldr(name_or_path)
+        return found.name, found.fingerprint
     if is_checkpoint_name(name_or_path):
         found = locate(name_or_path, offline)
         return found.name, found.fingerprint
+    if name_or_path in DOWNLOAD_ONLY:
+        raise LsdError(f"{name_or_path} is {DOWNLOAD_ONLY[name_or_path]}")
     raise LsdError(f"unknown model {name_or_path!r}: use one of {', '.join(REGISTRY)}, a hub id or a local directory")
 
 
 def availability(name: str) -> tuple[str, bool]:
-    """(source, usable offline now) for a registry name."""
+    """(source, usable offline now) for a registry name (or a DOWNLOAD_ONLY one: how to get it, False)."""
+    if name in DOWNLOAD_ONLY:
+        return DOWNLOAD_ONLY[name], False
     hub_id = REGISTRY[name]
     if hub_id is None:
         return "embedded", True

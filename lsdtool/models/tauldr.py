@@ -8,10 +8,10 @@ copy (``ema_shadow_params``), never the raw training weights stored beside it.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -19,8 +19,7 @@ from lsdtool.diffusion.gaussian import Gaussian
 from lsdtool.errors import LsdError
 from lsdtool.models.base import DiffusionModel
 from lsdtool.models.ddit import NEVER, freeze, load_weights
-from lsdtool.models.locate import first_line
-from lsdtool.models.tauldr_files import locate, read_config
+from lsdtool.models.locate import first_line, locate_tauldr
 from lsdtool.models.unet import UNet
 
 MODEL_CLASS = "GaussianTargetRateImageX0PredEMA"
@@ -28,9 +27,31 @@ MODEL_CLASS = "GaussianTargetRateImageX0PredEMA"
 
 def _numpy_globals() -> list:
     """numpy's scalar and dtype globals (old and new module names): all a tauLDR checkpoint may unpickle besides tensors."""
-    scalar = np._core.multiarray.scalar
-    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-    return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtypes]
+    import numpy as np  # a dependency of transformers
+
+    scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar
+    kinds = getattr(np, "dtypes", None)  # numpy >= 1.25
+    dtypes = [getattr(kinds, n) for n in dir(kinds) if n.endswith("DType")] if kinds is not None else []
+    names = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")  # as numpy 1.x and 2.x pickle it
+    return [*((scalar, n) for n in names), np.dtype, *dtypes]
+
+
+def read_yaml_config(path: Path) -> dict:
+    """The training config (yaml.safe_load; tuples read as lists); LsdError naming the file otherwise."""
+    import yaml  # PyYAML, a dependency of huggingface_hub
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("tag:yaml.org,2002:python/tuple", lambda loader, node: loader.construct_sequence(node))
+    try:
+        config = yaml.load(path.read_text(), Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+    except (OSError, yaml.YAMLError) as e:
+        raise LsdError(f"cannot read {path}: {first_line(e)}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or not isinstance(
+            config.get("data"), dict):
+        raise LsdError(f"{path} is not a tauLDR config (no model and data sections)")
+    return config
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -100,9 +121,8 @@ class TauLDR(DiffusionModel):
         if any(d % 2 ** (len(m["ch_mult"]) - 1) for d in self.shape[1:]):
             raise ValueError(f"H, W of {list(self.shape)} do not halve {len(m['ch_mult']) - 1} times")
         S = int(data["S"])
-        with torch.device("cpu"):  # the graph's matrices are computed, even while the net is built on meta
-            self.graph = Gaussian(S, float(m["rate_sigma"]), float(m["Q_sigma"]), float(m["time_base"]),
-                                  float(m["time_exponential"]))
+        self.graph = Gaussian(S, float(m["rate_sigma"]), float(m["Q_sigma"]), float(m["time_base"]),
+                              float(m["time_exponential"]))
         self.fix_logistic = bool(m.get("fix_logistic", False))
         self.net = UNet(ch=int(m["ch"]), ch_mult=m["ch_mult"], num_res_blocks=int(m["num_res_blocks"]),
                         input_channels=self.shape[0], attn_scale=int(m["scale_count_to_put_attn"]),
@@ -110,7 +130,7 @@ class TauLDR(DiffusionModel):
                         skip_rescale=bool(m["skip_rescale"]), time_scale_factor=m["time_scale_factor"],
                         time_embed_dim=int(m["time_embed_dim"]))
         self.name, self.fingerprint = name, fingerprint
-        self.vocab_size, self.seq_len = S, int(np.prod(self.shape))
+        self.vocab_size, self.seq_len = S, math.prod(self.shape)
         self.device = torch.device("cpu")
 
     def to(self, device) -> "TauLDR":
@@ -164,16 +184,16 @@ def _log_minus_exp(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch
 
 def load_tauldr(path: str, ema: bool = True) -> TauLDR:
     """A tauLDR adapter from a checkpoint folder, a training run or a named ckpt_*.pt (on CPU, frozen)."""
-    found = locate(path)
-    config = read_config(found.config_path)
-    ckpt = read_checkpoint(found.checkpoint_path)
-    state = ema_state(ckpt, found.checkpoint_path) if ema else raw_state(ckpt)
+    found = locate_tauldr(path)
+    config = read_yaml_config(found.config_path)
+    ckpt = read_checkpoint(found.weight_path)
+    state = ema_state(ckpt, found.weight_path) if ema else raw_state(ckpt)
     with torch.device("meta"):  # parameters are assigned from the checkpoint, never initialised
         try:
             model = TauLDR(config, name=found.name, fingerprint=found.fingerprint)
         except (KeyError, TypeError, ValueError) as e:
             why = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) else first_line(e)
             raise LsdError(f"{found.config_path} is not a valid tauLDR config: {why}") from None
-    load_weights(model.net, state, f"{found.checkpoint_path} (for the config {found.config_path.name})")
+    load_weights(model.net, state, f"{found.weight_path} (for the config {found.config_path.name})")
     freeze(model.net)
     return model

@@ -34,8 +34,9 @@ class NiN(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
-        self.W = nn.Parameter(torch.empty(in_ch, out_ch))
-        self.b = nn.Parameter(torch.empty(out_ch))
+        bound = math.sqrt(3 * 0.1 / ((in_ch + out_ch) / 2))  # tauLDR's default_init(0.1): fan_avg uniform
+        self.W = nn.Parameter(torch.empty(in_ch, out_ch).uniform_(-bound, bound))
+        self.b = nn.Parameter(torch.zeros(out_ch))
 
     def forward(self, x):
         return (torch.einsum("bhwi,ik->bhwk", x.permute(0, 2, 3, 1), self.W) + self.b).permute(0, 3, 1, 2)
