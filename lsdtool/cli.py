@@ -141,7 +141,7 @@ def models_cmd(as_json):
     from lsdtool import models
 
     rows = []
-    for name in models.REGISTRY:
+    for name in [*models.REGISTRY, *models.DOWNLOAD_ONLY]:
         try:
             source, ready = models.availability(name)
         except ImportError:

@@ -18,6 +18,7 @@ objective maximises. Kernels see rows in the graph's canonical layout (real toke
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -285,32 +286,86 @@ def poisson_counts(lam: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.where(big, approx, n)
 
 
+def _displacement_law(lam: torch.Tensor, x: torch.Tensor, span: int, size: int) -> torch.Tensor:
+    """P(D = d) (n, size) for d = 0..span then -(size - span - 1)..-1 (FFT order): D = sum_z n_z (z - x)."""
+    total = lam.sum(-1, keepdim=True)
+    offsets = torch.arange(lam.shape[1], device=x.device)
+    grid = lam.new_zeros(lam.shape[0], size).scatter_add(-1, (offsets[None, :] - x[:, None]) % size, lam)
+    return torch.fft.ifft(torch.exp(torch.fft.fft(grid) - total)).real.clamp_min(0.0)
+
+
 def compound_poisson_log_prob(intensity: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """log P(clamp(x + sum_z n_z (z - x), 0, S-1) = y) for independent n_z ~ Poisson(intensity_z):
-    intensity (R, S) (0 at x), x, y (R,) -> (R,). The displacement's law is exp(FFT(lambda) - sum lambda)
-    transformed back on a grid wide enough for all but a negligible tail of the jump count (8 sd);
-    the clamped ends take the mass beyond them. Differentiable in ``intensity``."""
+    intensity (R, S) (0 at x), x, y (R,) -> (R,) float64, differentiable in ``intensity``.
+
+    Rows whose total rate is at most 50 (the tau-leaping regime) are exact: the displacement's law is
+    exp(FFT(lambda) - sum lambda) transformed back on a grid wide enough for all but a negligible tail of the
+    jump count (8 sd), the clamped ends taking the mass beyond them; the gradient is exact too,
+    d P(y) / d lambda_z = P(y after one more jump to z) - P(y), computed with the law so no FFT graph is kept.
+    Rows with more jumps use the normal law of the displacement (mean sum lambda_z (z - x), variance
+    sum lambda_z (z - x)^2) over the clamped bins, as :func:`poisson_counts` draws them."""
     r, s = intensity.shape
-    total = intensity.sum(-1)
-    jumps = float(total.detach().max()) if r else 0.0
-    span = (s - 1) * int(jumps + 8 * jumps**0.5 + 8)
-    size = 1 << max(1, (2 * span + 1 - 1).bit_length())
-    out = []
-    block = max(1, _FFT_ELEMS // size)
-    offsets = torch.arange(s, device=x.device)
-    for i in range(0, r, block):
-        j = slice(i, i + block)
-        lam = intensity[j].to(torch.float64)
-        n = lam.shape[0]
-        grid = lam.new_zeros(n, size).scatter_add(-1, (offsets[None, :] - x[j, None]) % size, lam)
-        law = torch.fft.ifft(torch.exp(torch.fft.fft(grid) - total[j, None].to(torch.float64))).real.clamp_min(0.0)
-        d = torch.arange(size, device=x.device)
-        disp = torch.where(d <= span, d, d - size)  # displacement of each grid cell
-        end = x[j, None] + disp[None, :]  # (n, size) unclamped end level
-        to = y[j, None]
-        hit = (end == to) | ((to == 0) & (end <= 0)) | ((to == s - 1) & (end >= s - 1))
-        out.append(torch.log((law * hit).sum(-1).clamp_min(1e-300)))
-    return torch.cat(out) if out else intensity.new_zeros(0, dtype=torch.float64)
+    total = intensity.detach().sum(-1)
+    small = total <= _POISSON_NORMAL
+    large = torch.isfinite(total) & ~small
+    # a rate that overflowed (a line search trying a huge Phi) is an impossible move: a finite, very low log-probability
+    out = torch.where(torch.isfinite(total), 0.0, -1e30).to(torch.float64)
+    if bool(large.any()):
+        rows = large.nonzero().squeeze(-1)
+        lam = intensity[rows].to(torch.float64)
+        step = (torch.arange(s, device=x.device)[None, :] - x[rows, None]).to(torch.float64)
+        mean, sd = (lam * step).sum(-1), (lam * step**2).sum(-1).sqrt()
+        to = y[rows].to(torch.float64) - x[rows].to(torch.float64)
+        upper = torch.where(y[rows] == s - 1, torch.full_like(to, math.inf), to + 0.5)
+        lower = torch.where(y[rows] == 0, torch.full_like(to, -math.inf), to - 0.5)
+        z = torch.distributions.Normal(mean, sd)
+        out = out.index_put((rows,), torch.log((z.cdf(upper) - z.cdf(lower)).clamp_min(1e-300)))
+    if bool(small.any()):
+        rows = small.nonzero().squeeze(-1)
+        out = out.index_put((rows,), _PoissonEnd.apply(intensity[rows].to(torch.float64), x[rows], y[rows]))
+    return out
+
+
+class _PoissonEnd(torch.autograd.Function):
+    """log P(end = y) of :func:`compound_poisson_log_prob`'s exact rows, with the gradient computed alongside."""
+
+    @staticmethod
+    def forward(ctx, lam, x, y):
+        r, s = lam.shape
+        jumps = float(lam.sum(-1).max()) if r else 0.0
+        span = (s - 1) * int(jumps + 8 * jumps**0.5 + 8)
+        size = 1 << max(1, (2 * span).bit_length())
+        block = max(1, _FFT_ELEMS // (size * 4))
+        logp, grad = lam.new_zeros(r), lam.new_zeros(r, s)
+        levels = torch.arange(s, device=x.device)
+        for i in range(0, r, block):
+            j = slice(i, i + block)
+            law = _displacement_law(lam[j], x[j], span, size)
+            order = torch.argsort(torch.where(torch.arange(size, device=x.device) <= span,
+                                              torch.arange(size, device=x.device), torch.arange(size, device=x.device) - size))
+            cum = law[:, order].cumsum(-1)  # P(D <= lowest + i)
+            lowest = -(size - span - 1)
+
+            def p_end(shift):  # P(clamp(x + D + shift) = y) for shifts (n, k): the displacement d = y - x - shift
+                need = (y[j, None] - x[j, None] - shift)  # interior: D = need
+                at = lambda v: cum.gather(-1, (v - lowest).clamp(0, size - 1)) * (v >= lowest)  # noqa: E731  P(D <= v)
+                interior = at(need) - at(need - 1)
+                low_end = at(need)  # y = 0: P(D <= need)
+                high_end = 1 - at(need - 1)  # y = S - 1: P(D >= need)
+                yy = y[j, None].expand_as(need)
+                return torch.where(yy == 0, low_end, torch.where(yy == s - 1, high_end, interior)).clamp_min(0.0)
+
+            p = p_end(torch.zeros_like(x[j, None])).squeeze(-1).clamp_min(1e-300)
+            shifted = p_end(levels[None, :] - x[j, None])  # one more jump to each level z
+            logp[j] = torch.log(p)
+            grad[j] = (shifted - p[:, None]) / p[:, None]
+        ctx.save_for_backward(grad)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad_out[:, None] * grad, None, None
 
 
 @dataclass(frozen=True, eq=False)

@@ -69,3 +69,27 @@ def test_draws_follow_the_likelihood_and_phi_scales_the_rates():
     ll = scaled.log_prob(None, None, None, x[:s], torch.arange(s)).sum()
     ll.backward()
     assert phi.grad is not None and torch.isfinite(phi.grad)
+
+
+def test_the_likelihood_gradient_is_exact_and_large_rates_use_the_normal_law():
+    s = 6
+    g = torch.Generator().manual_seed(9)
+    lam = (torch.rand(4, s, generator=g, dtype=torch.float64) * 0.8)
+    x = torch.tensor([0, 2, 5, 3])
+    lam = lam.scatter(-1, x[:, None], 0.0).requires_grad_()
+    y = torch.tensor([1, 0, 5, 3])
+    compound_poisson_log_prob(lam, x, y).sum().backward()
+    fd = torch.zeros_like(lam)
+    for i in range(4):
+        for z in range(s):
+            if z == x[i]:
+                continue
+            d = torch.zeros_like(lam)
+            d[i, z] = 1e-6
+            up = compound_poisson_log_prob((lam + d).detach(), x, y)[i]
+            down = compound_poisson_log_prob((lam - d).detach(), x, y)[i]
+            fd[i, z] = (up - down) / 2e-6
+    assert torch.allclose(lam.grad, fd, rtol=1e-5, atol=1e-7)
+    big = torch.full((1, 64), 2.0, dtype=torch.float64).scatter(-1, torch.tensor([[30]]), 0.0)  # total 126 > 50
+    law = compound_poisson_log_prob(big.expand(64, -1), torch.full((64,), 30), torch.arange(64)).exp()
+    assert law.sum().item() == pytest.approx(1.0, abs=1e-9) and law[0] > 0.05 and law[63] > 0.05  # clamped ends

@@ -319,7 +319,7 @@ class Uniform(Graph):
         return torch.ones_like(x, dtype=torch.bool)
 
 
-GRAPHS: dict[str, type[Graph]] = {"absorb": Absorb, "uniform": Uniform}
+GRAPHS: dict[str, type[Graph]] = {"absorb": Absorb, "uniform": Uniform}  # "gaussian" joins from its own module
 
 
 def make_graph(kind: str, vocab_size: int, **params) -> Graph:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 
 from lsdtool.models import own
-from lsdtool.models.locate import availability, identify
+from lsdtool.models.locate import availability, find_tauldr, identify
 from lsdtool.models.own import register
-from lsdtool.models.registry import REGISTRY
+from lsdtool.models.registry import DOWNLOAD_ONLY, REGISTRY
 
 
 def load(name_or_path: str, device=None, offline: bool | None = None) -> DiffusionModel:
@@ -22,6 +22,11 @@ def load(name_or_path: str, device=None, offline: bool | None = None) -> Diffusi
     if own.is_own(name_or_path):
         model = own.build(name_or_path)
         source = own.source(name_or_path)
+    elif find_tauldr(name_or_path) is not None:  # a yaml config beside ckpt_*.pt: not a JSON-config family
+        from lsdtool.models.tauldr import load_tauldr
+
+        model = load_tauldr(name_or_path)
+        source = os.path.abspath(name_or_path)
     else:
         from lsdtool.models.loading import load_located
 
@@ -40,4 +45,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["DiffusionModel", "REGISTRY", "availability", "identify", "load", "register"]
+__all__ = ["DiffusionModel", "DOWNLOAD_ONLY", "REGISTRY", "availability", "identify", "load", "register"]

@@ -43,9 +43,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("sedd", "SEDD", lambda c: "graph" in c and not _mdlm(c), "lsdtool.models.sedd:build"),
     Family("radd", "RADD", lambda c: "tokens" in c and "model" in c and not _mdlm(c), "lsdtool.models.radd:build"),
     Family("mdlm", "MDLM", _mdlm, "lsdtool.models.mdlm:build"),
+    # tauLDR keeps a yaml config beside ckpt_*.pt (or config/ and checkpoints/ of a training run): found by
+    # that layout (locate.find_tauldr), never by sniffing a JSON config
+    Family("tauldr", "tauLDR", lambda c: False, "lsdtool.models.tauldr:build", config_file="config.yaml", weight_files=()),
 )
 BY_NAME = {f.name: f for f in FAMILIES}
-CONFIG_FILES = tuple(dict.fromkeys(f.config_file for f in FAMILIES))  # read in this order
+CONFIG_FILES = tuple(dict.fromkeys(f.config_file for f in FAMILIES if f.config_file.endswith(".json")))  # read in this order
 
 
 def recognise(config: dict, path: Path) -> Family:

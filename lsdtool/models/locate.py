@@ -4,6 +4,11 @@ A model is a directory holding ``config.json`` and one weight file (``model.safe
 ``pytorch_model.bin``); hub ids resolve through the Hugging Face cache. The fingerprint is the hub
 revision, or a digest of the weight file (remembered per path, size and mtime so a repeated
 command does not hash a large file again).
+
+tauLDR image models (DESIGN §12) come in two layouts instead: the authors' published folder
+(``config_001.yaml`` or ``config.yaml`` beside ``ckpt_*.pt``) and a training run
+(``config/config_NNN.yaml``, ``checkpoints/ckpt_*.pt``); the newest config and checkpoint are used
+unless a checkpoint file is named.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from pathlib import Path
 from lsdtool import fileio
 from lsdtool.errors import LsdError
 from lsdtool.locations import cache_root
-from lsdtool.models.families import CONFIG_FILES, WEIGHT_FILES, Family, recognise
-from lsdtool.models.registry import REGISTRY
+from lsdtool.models.families import BY_NAME, CONFIG_FILES, WEIGHT_FILES, Family, recognise
+from lsdtool.models.registry import DOWNLOAD_ONLY, REGISTRY
 # Models shipped inside the package, one directory per registry name (countdown, countdown-net).
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -29,7 +34,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 class Located:
     name: str  # short name (registry name, hub id or directory name)
     config_path: Path
-    weight_path: Path | None  # None for a code-defined family (no weight file)
+    weight_path: Path | None  # None for a code-defined family (no weight file); a tauLDR ckpt_*.pt
     fingerprint: str
     family: Family
     config: dict
@@ -214,6 +219,8 @@ def locate(name_or_path: str, offline: bool | None = None) -> Located:
     elif HUB_ID.fullmatch(name_or_path):
         hub_id = name_or_path
         name = next((k for k, v in REGISTRY.items() if v == hub_id), hub_id)
+    elif name_or_path in DOWNLOAD_ONLY:
+        raise LsdError(f"{name_or_path} is {DOWNLOAD_ONLY[name_or_path]}")
     else:
         raise unknown(name_or_path)
     config_path = _hub_config(hub_id, offline) if hub_id else _local_config(directory)
@@ -229,14 +236,62 @@ def locate(name_or_path: str, offline: bool | None = None) -> Located:
     return Located(name, config_path, weight_path, fingerprint, family, config)
 
 
+# --- tauLDR checkpoints: a yaml config beside ckpt_*.pt, or a training run's config/ and checkpoints/ ---------
+
+
+def _newest(directory: Path, pattern: str) -> Path | None:
+    found = sorted(p for p in directory.glob(pattern) if p.is_file())
+    return found[-1] if found else None  # names are zero-padded counters (ckpt_0001999999.pt, config_002.yaml)
+
+
+def _config_in(directory: Path) -> Path | None:
+    for d in (directory, directory / "config"):
+        found = _newest(d, "config_*.yaml") or (d / "config.yaml" if (d / "config.yaml").is_file() else None)
+        if found is not None:
+            return found
+    return None
+
+
+def _checkpoint_in(directory: Path) -> Path | None:
+    return _newest(directory, "ckpt_*.pt") or _newest(directory / "checkpoints", "ckpt_*.pt")
+
+
+def find_tauldr(path: str) -> tuple[Path, Path] | None:
+    """(config, checkpoint) when ``path`` is a tauLDR folder or a checkpoint file beside its config, else None."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".pt":
+        config = _config_in(p.parent) or _config_in(p.parent.parent)
+        return (config, p) if config is not None else None
+    if not p.is_dir():
+        return None
+    config, ckpt = _config_in(p), _checkpoint_in(p)
+    return (config, ckpt) if config is not None and ckpt is not None else None
+
+
+def locate_tauldr(path: str) -> Located:
+    """The files, name and fingerprint of a tauLDR checkpoint at ``path``; LsdError if there is none."""
+    found = find_tauldr(path)
+    if found is None:
+        raise LsdError(f"{path} holds no tauLDR checkpoint (a config yaml with ckpt_*.pt, or config/ and checkpoints/)")
+    config, ckpt = found
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return Located(run.resolve().name, config, ckpt, f"tauldr:sha256:{weight_digest(ckpt)}", BY_NAME["tauldr"], {})
+
+
+
 def identify(name_or_path: str, offline: bool | None = None) -> tuple[str, str]:
     """(name, fingerprint) of a model without loading it or importing torch."""
+    if find_tauldr(name_or_path) is not None:
+        found = locate_tauldr(name_or_path)
+        return found.name, found.fingerprint
     found = locate(name_or_path, offline)
     return found.name, found.fingerprint
 
 
 def availability(name: str) -> tuple[str, bool]:
-    """(source, usable offline now) for a registry name."""
+    """(source, usable offline now) for a registry name (or a DOWNLOAD_ONLY one: how to get it, False)."""
+    if name in DOWNLOAD_ONLY:
+        return DOWNLOAD_ONLY[name], False
     hub_id = REGISTRY[name]
     if hub_id is None:
         return "embedded", True

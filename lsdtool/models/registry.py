@@ -14,3 +14,9 @@ REGISTRY: dict[str, str | None] = {
     "mdlm-owt": "kuleshov-group/mdlm-owt",
 }
 
+
+# Known models that no hub repository holds: name -> how to get them (then `--model DIR`).
+DOWNLOAD_ONLY: dict[str, str] = {
+    "tauldr-cifar10": "not on the Hugging Face hub: download the authors' CIFAR-10 folder (ckpt_*.pt + config yaml) "
+                      "from the link in the readme of github.com/andrew-cr/tauLDR, then pass --model DIR",
+}
