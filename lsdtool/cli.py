@@ -67,30 +67,44 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 @click.option("-n", "num", type=int, callback=bounds.count_range, help="Number of samples  [default: 16, or one per --input line]")
 @click.option("--seed", type=int, default=0, show_default=True, callback=bounds.seed_range, help="0..2**64-1.")
 @click.option("--batch-size", type=int, default=64, show_default=True, callback=bounds.batch_range)
-@click.option("--format", "fmt", type=click.Choice(["text", "jsonl", "tokens"]), default="text", show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write samples here instead of stdout.")
+@click.option("--format", "fmt", type=click.Choice(["text", "jsonl", "tokens", "png"]), default="text", show_default=True,
+              help="png (image models): -o GRID.png for one grid, -o DIR/ for one PNG per sample.")
+@click.option("-o", "--output", type=click.Path(), help="Write samples here instead of stdout (png: a file, or DIR/).")
 @click.option("--force", is_flag=True, help="Override a safety refusal: use an artifact distilled for another model; "
               "replace a non-empty -o FILE.")
 @click.option("--shard", "shard_spec", metavar="I/N", help="Draw only block I of N of the indices 0..n-1 (default: from RANK/WORLD_SIZE or SLURM).")
-@click.option("--resume", is_flag=True, help="Keep the complete samples already in -o FILE (jsonl) and draw the rest.")
+@click.option("--resume", is_flag=True, help="Keep the complete samples already in -o FILE (jsonl) or -o DIR/ (png) and draw the rest.")
 @click.option("--prefix", help="Text every sample starts with (kept fixed).")
 @click.option("--suffix", help="Text every sample ends with (kept fixed).")
 @click.option("--input", "input_path", type=click.Path(dir_okay=False), help="jsonl: line k gives sample k's prefix/suffix, or tokens with nulls to fill.")
+@click.option("--image", "image_path", type=click.Path(dir_okay=False), help="Inpainting (image models): a PNG whose pixels --keep fixes.")
+@click.option("--keep", "keep_path", type=click.Path(dir_okay=False), help="Inpainting: a PNG mask; its non-zero pixels keep --image's values.")
 @device_option
 @offline_option
 def sample(model_name, sampler_path, steps, base, gamma, temperature, margin, even, denoise, num, seed, batch_size, fmt, output, force, shard_spec,
-           resume, prefix, suffix, input_path, device, offline):
+           resume, prefix, suffix, input_path, image_path, keep_path, device, offline):
     """Draw samples; one per line on stdout (or -o FILE)."""
-    from lsdtool import api, console, generation, merge, sharding
+    from lsdtool import api, console, generation, imagefiles, merge, sharding
     from lsdtool.samplers import Sampler
 
     shard, num_shards = sharding.parse_shard(shard_spec) if shard_spec else sharding.shard_from_env(os.environ) or (0, 1)
-    if resume and (not output or fmt != "jsonl"):
-        raise ValueError("--resume needs -o FILE and --format jsonl")
+    directory = bool(output) and imagefiles.is_directory(output)
+    if directory and fmt != "png":
+        raise ValueError(f"-o {output} is a directory: per-sample files need --format png")
+    if fmt == "png" and not output:
+        raise ValueError("--format png needs -o GRID.png (one grid) or -o DIR/ (one PNG per sample)")
+    if resume and not (output and (fmt == "jsonl" or directory)):
+        raise ValueError("--resume needs -o FILE and --format jsonl, or -o DIR/ and --format png")
     if input_path and (prefix is not None or suffix is not None):
         raise ValueError("give --input, or --prefix/--suffix, not both")
-    path = sharding.shard_path(output, shard, num_shards) if output else None
-    if path:
+    if (image_path is None) != (keep_path is None):
+        raise ValueError("inpainting needs both --image IMG.png and --keep MASK.png")
+    if image_path and (input_path or prefix is not None or suffix is not None):
+        raise ValueError("give --image/--keep, or --input, or --prefix/--suffix, not several")
+    path = (imagefiles.shard_dir if directory else sharding.shard_path)(output, shard, num_shards) if output else None
+    if directory:
+        imagefiles.check_output(path, resume, force)
+    elif path:
         merge.check_output(path, resume, force, input_path)
     dev = generation.pick_device(sharding.launcher_device(device, os.environ))
     if sampler_path:
@@ -103,7 +117,11 @@ def sample(model_name, sampler_path, steps, base, gamma, temperature, margin, ev
                                      ("counts", "even" if even else None)) if v is not None}
         sampler = Sampler.plain(steps, base=base, denoise=denoise, options=options)
         sampler.check()
-    conditions = api.conditions(model, prefix, suffix, input_path)
+    if fmt == "png":
+        from lsdtool import images
+
+        images.shape_of(model)  # a text model: refused before anything is drawn or written
+    conditions = api.conditions(model, prefix, suffix, input_path, image=image_path, keep=keep_path)
     num = api.sample_count(num, conditions, input_path)
     indices = sharding.shard_range(num, shard, num_shards)
     if num_shards > 1:
@@ -118,6 +136,9 @@ def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output, 
     from lsdtool import api, conditioning, console, generation, merge
 
     extra = generation.provenance(model, sampler, seed)
+    if fmt == "png":
+        _write_images(model, sampler, indices, seed, batch_size, dev, output, conditions, resume, force, extra)
+        return
     opened = merge.open_output(output, indices, extra, resume, force) if output else contextlib.nullcontext((sys.stdout.buffer, 0))
     with opened as (out, done):
         if done:
@@ -130,6 +151,20 @@ def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output, 
                     fields = extra if given is None else {**extra, "given": conditioning.spans(given[k])}
                     out.write((generation.record(model, i, row, fmt, fields) + "\n").encode("utf-8"))
                 out.flush()
+
+
+def _write_images(model, sampler, indices, seed, batch_size, dev, output, conditions, resume, force, extra):
+    from lsdtool import api, console, imagefiles
+
+    def draw(todo):
+        with console.Bars() as bars:
+            yield from api.sample_batches(model, sampler, todo, seed, batch_size=batch_size, device=dev,
+                                          conditions=conditions, progress=bars)
+
+    if imagefiles.is_directory(output):
+        imagefiles.write_directory(model, output, indices, extra, draw, resume, force, console.log)
+    else:
+        imagefiles.write_grid(model, output, draw(indices), console.log)
 
 
 @main.command("models")
