@@ -195,14 +195,22 @@ def models_cmd(as_json):
 
 
 @main.command("merge")
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here (atomically) instead of stdout.")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", type=click.Path(), help="Write here (atomically) instead of stdout; a directory DIR/ for PNG directories.")
 def merge_cmd(files, output):
-    """Join jsonl sample files (e.g. shards) in index order, checking every index appears once
-    and all came from one sampler, model and seed."""
-    from lsdtool import console, merge
+    """Join jsonl sample files (e.g. shards) in index order, or directories of per-sample PNGs into -o DIR/,
+    checking every index appears once and all came from one sampler, model and seed."""
+    from lsdtool import console, imagefiles, merge
 
-    n = merge.merge(list(files), output)
+    dirs = [os.path.isdir(f) for f in files]
+    if any(dirs) and not all(dirs):
+        raise ValueError("give jsonl files or PNG directories to merge, not both")
+    if all(dirs):
+        n = imagefiles.merge_directories(list(files), output)
+    else:
+        if output and imagefiles.is_directory(output):
+            raise ValueError(f"-o {output} is a directory; jsonl files merge into a file")
+        n = merge.merge(list(files), output)
     console.log(f"merged {n} samples from {len(files)} files" + (f" into {output}" if output else ""))
 
 
