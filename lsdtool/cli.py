@@ -407,13 +407,17 @@ def _nfe_list(ctx, param, value):
 @click.option("--batch-size", type=int, default=64, show_default=True, callback=bounds.batch_range)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (protocol and rows) instead of the table.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the rows as CSV.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also plot metric vs NFE (PNG; needs matplotlib).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also plot metric vs NFE (PNG; needs matplotlib); image models: a grid of samples, samplers x NFE.")
 @click.option("--data", type=click.Path(dir_okay=False), help="Clean data for jys (jsonl of token ids); countdown generates its own.")
 @click.option("--eval-model", help="Causal LM for generative perplexity of text models  [default: gpt2-large]")
 @click.option("--metric", "metrics", multiple=True, metavar="NAME|MODULE:FUNCTION",
               help="Score samples with countdown, gen-ppl or your function of the tokens (B, L) returning per-sample "
                    "values (B,) or a dict of them; repeatable, the first is the headline  [default: countdown for "
                    "countdown-task models, else gen-ppl]")
+@click.option("--reference", help="fid, kid: a directory of PNG images, a statistics .npz (mu, sigma) or cifar10-train.")
+@click.option("--inception-weights", type=click.Path(dir_okay=False),
+              help="fid, kid: torch-fidelity's Inception-v3 weights file  [default: torch hub's cache]")
 @click.option("--per-sample-ppl", is_flag=True, help="Show the per-sample perplexity (mean of exp(mean NLL)) in the table.")
 @click.option("--tune-n", type=int, callback=bounds.in_range(1, bounds.INDEX_LIMIT), help="Held-out samples for tuning euler-temp and power  [default: min(n, 128)]")
 @click.option("--no-teacher", is_flag=True, help="Leave out the teacher reference row.")
@@ -422,7 +426,8 @@ def _nfe_list(ctx, param, value):
 @device_option
 @offline_option
 def compare(model_name, nfes, samplers, num, seed, teacher_steps, batch_size, as_json, csv_path, plot_path, data,
-            eval_model, metrics, per_sample_ppl, tune_n, no_teacher, recipe_file, cache_dir, device, offline):
+            eval_model, metrics, reference, inception_weights, per_sample_ppl, tune_n, no_teacher, recipe_file, cache_dir,
+            device, offline):
     """Compare samplers x NFE on one model from the same seeds; a table (or --json) on stdout."""
     import json
 
@@ -431,11 +436,6 @@ def compare(model_name, nfes, samplers, num, seed, teacher_steps, batch_size, as
     from lsdtool.locations import cache_root
 
     names = cmp.parse_samplers(samplers)
-    if plot_path:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise click.ClickException("--plot needs matplotlib: pip install 'lsdtool[plot]'") from None
     for target in (csv_path, plot_path):
         if target:
             fileio.check_file(target)
@@ -443,8 +443,14 @@ def compare(model_name, nfes, samplers, num, seed, teacher_steps, batch_size, as
         fileio.check_dir(cache_root(cache_dir))
     dev = generation.pick_device(device)
     model = models.load(model_name, device=dev, offline=offline)
+    if plot_path and getattr(model, "shape", None) is None:  # an image model's plot is a PNG grid of its own
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.ClickException("--plot needs matplotlib: pip install 'lsdtool[plot]'") from None
     local_only = True if offline else None
-    evaluator = cmp.make_evaluator(model, eval_model, dev, local_files_only=local_only, metric=list(metrics) or None)
+    evaluator = cmp.make_evaluator(model, eval_model, dev, local_files_only=local_only, metric=list(metrics) or None,
+                                   reference=reference, inception_weights=inception_weights)
     with console.progress() as bar:
         task = bar.add_task("compare", total=1)
 
@@ -543,6 +549,8 @@ def _compare_csv(result, path):
 
 
 def _compare_plot(result, path, per_sample_ppl=False):
+    if any(r.preview is not None for r in result.rows):
+        return _compare_grid(result, path)
     import matplotlib
 
     from lsdtool import fileio
@@ -579,6 +587,17 @@ def _compare_plot(result, path, per_sample_ppl=False):
     with fileio.atomic_write(path, "wb") as f:
         fig.savefig(f, format=os.path.splitext(path)[1][1:].lower() or "png")
     plt.close(fig)
+
+
+def _compare_grid(result, path):
+    """Image models: one PNG, a row per sampler and a column per NFE, each cell the first samples (same seeds)."""
+    from lsdtool import console, fileio, images
+
+    names = [n for n in result.protocol["samplers"] if any(r.sampler == n for r in result.rows)]
+    nfes = result.protocol["nfe"]
+    cell = {(r.sampler, r.nfe): r.preview for r in result.rows}
+    fileio.write_bytes(path, images.encode(images.table([[cell.get((n, k)) for k in nfes] for n in names])))
+    console.log(f"{path}: rows {', '.join(names)}; columns NFE {', '.join(map(str, nfes))}")
 
 
 if __name__ == "__main__":

@@ -199,6 +199,19 @@ def grid(images: torch.Tensor, cols: int | None = None, pad: int = 2, fill: int 
     return out
 
 
+def table(cells: list[list[torch.Tensor | None]], cols: int = 4, pad: int = 6) -> torch.Tensor:
+    """One image of rows × columns of cells, each cell pixels (k, H, W, C) tiled :func:`grid`-wise ``cols`` wide
+    (a missing cell stays blank); ``pad`` white pixels between cells."""
+    shown = [c for row in cells for c in row if c is not None]
+    if not shown:
+        raise LsdError("no samples to show")
+    k, h, w, c = max(shown, key=len).shape
+    white = torch.full((k, h, w, c), 255, dtype=torch.uint8)
+    tiles = [grid(white if cell is None else torch.cat([cell, white[len(cell):]]), cols, pad=1)
+             for row in cells for cell in row]
+    return grid(torch.stack(tiles), cols=len(cells[0]), pad=pad)
+
+
 def provenance_text(index: int, provenance: dict) -> dict:
     """The tEXt entry of a per-sample PNG: its index and provenance as one JSON object."""
     return {TEXT_KEY: json.dumps({"index": index, **provenance}, separators=(",", ":"), sort_keys=True)}
