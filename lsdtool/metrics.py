@@ -253,22 +253,24 @@ def gen_ppl_metric(*, model, device, eval_model=None, batch_size: int = 8, local
     return TextEval(eval_model or "gpt2-large", device, model.vocab_size, batch_size, local_files_only)
 
 
-def fid_metric(**context):
-    """FID against ``reference`` on Inception pool3 features (images; :mod:`lsdtool.metrics_image`)."""
-    from lsdtool import metrics_image
+def plugin_factory(spec: str):
+    """A built-in metric factory that lives in a module of its own (``MODULE:FACTORY``), imported on first use
+    like a user's metric, so that module may build on this one (image metrics: :mod:`lsdtool.metrics_image`)."""
 
-    return metrics_image.fid_metric(**context)
+    def factory(**context):
+        import importlib
 
+        module, _, name = spec.partition(":")
+        return getattr(importlib.import_module(module), name)(**context)
 
-def kid_metric(**context):
-    """KID against ``reference`` with its standard error (images; :mod:`lsdtool.metrics_image`)."""
-    from lsdtool import metrics_image
-
-    return metrics_image.kid_metric(**context)
+    factory.__doc__ = f"The metric of {spec}."
+    return factory
 
 
 # name -> factory(model=, device=, eval_model=, batch_size=, local_files_only=, reference=, inception_weights=) -> metric
-BUILTIN_METRICS = {"countdown": countdown_metric, "gen-ppl": gen_ppl_metric, "fid": fid_metric, "kid": kid_metric}
+BUILTIN_METRICS = {"countdown": countdown_metric, "gen-ppl": gen_ppl_metric,
+                   "fid": plugin_factory("lsdtool.metrics_image:fid_metric"),
+                   "kid": plugin_factory("lsdtool.metrics_image:kid_metric")}
 
 
 def resolve_metric(spec: str, **context):
