@@ -76,11 +76,19 @@ def load_artifact(path: str | Path, model_name: str | None = None, device=None, 
     return model, Sampler.load(path, model=model, force=force)
 
 
-def conditions(model, prefix: str | None = None, suffix: str | None = None, input: str | Path | None = None):
-    """The fixed tokens of ``--prefix``/``--suffix`` (every sample) or ``--input`` (jsonl, line k for sample k),
-    as a :class:`lsdtool.conditioning.Conditions`, or None when nothing is fixed."""
+def conditions(model, prefix: str | None = None, suffix: str | None = None, input: str | Path | None = None,
+               image: str | Path | None = None, keep: str | Path | None = None):
+    """The fixed tokens of ``--prefix``/``--suffix`` (every sample), ``--input`` (jsonl, line k for sample k) or
+    ``--image``/``--keep`` (inpainting: PNGs, see :func:`lsdtool.images.inpaint_conditions`), as a
+    :class:`lsdtool.conditioning.Conditions`, or None when nothing is fixed."""
     if input is not None and (prefix is not None or suffix is not None):
         raise ValueError("give input, or prefix/suffix, not both")
+    if image is not None or keep is not None:
+        if image is None or keep is None or input is not None or prefix is not None or suffix is not None:
+            raise ValueError("inpainting needs image and keep, and no input, prefix or suffix")
+        from lsdtool import images
+
+        return images.inpaint_conditions(model, image, keep)
     if input is not None:
         return conditioning.read_input(model, str(input))
     return conditioning.from_text(model, prefix, suffix)

@@ -67,30 +67,44 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 @click.option("-n", "num", type=int, callback=bounds.count_range, help="Number of samples  [default: 16, or one per --input line]")
 @click.option("--seed", type=int, default=0, show_default=True, callback=bounds.seed_range, help="0..2**64-1.")
 @click.option("--batch-size", type=int, default=64, show_default=True, callback=bounds.batch_range)
-@click.option("--format", "fmt", type=click.Choice(["text", "jsonl", "tokens"]), default="text", show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write samples here instead of stdout.")
+@click.option("--format", "fmt", type=click.Choice(["text", "jsonl", "tokens", "png"]), default="text", show_default=True,
+              help="png (image models): -o GRID.png for one grid, -o DIR/ for one PNG per sample.")
+@click.option("-o", "--output", type=click.Path(), help="Write samples here instead of stdout (png: a file, or DIR/).")
 @click.option("--force", is_flag=True, help="Override a safety refusal: use an artifact distilled for another model; "
               "replace a non-empty -o FILE.")
 @click.option("--shard", "shard_spec", metavar="I/N", help="Draw only block I of N of the indices 0..n-1 (default: from RANK/WORLD_SIZE or SLURM).")
-@click.option("--resume", is_flag=True, help="Keep the complete samples already in -o FILE (jsonl) and draw the rest.")
+@click.option("--resume", is_flag=True, help="Keep the complete samples already in -o FILE (jsonl) or -o DIR/ (png) and draw the rest.")
 @click.option("--prefix", help="Text every sample starts with (kept fixed).")
 @click.option("--suffix", help="Text every sample ends with (kept fixed).")
 @click.option("--input", "input_path", type=click.Path(dir_okay=False), help="jsonl: line k gives sample k's prefix/suffix, or tokens with nulls to fill.")
+@click.option("--image", "image_path", type=click.Path(dir_okay=False), help="Inpainting (image models): a PNG whose pixels --keep fixes.")
+@click.option("--keep", "keep_path", type=click.Path(dir_okay=False), help="Inpainting: a PNG mask; its non-zero pixels keep --image's values.")
 @device_option
 @offline_option
 def sample(model_name, sampler_path, steps, base, gamma, temperature, margin, even, denoise, num, seed, batch_size, fmt, output, force, shard_spec,
-           resume, prefix, suffix, input_path, device, offline):
+           resume, prefix, suffix, input_path, image_path, keep_path, device, offline):
     """Draw samples; one per line on stdout (or -o FILE)."""
-    from lsdtool import api, console, generation, merge, sharding
+    from lsdtool import api, console, generation, imagefiles, merge, sharding
     from lsdtool.samplers import Sampler
 
     shard, num_shards = sharding.parse_shard(shard_spec) if shard_spec else sharding.shard_from_env(os.environ) or (0, 1)
-    if resume and (not output or fmt != "jsonl"):
-        raise ValueError("--resume needs -o FILE and --format jsonl")
+    directory = bool(output) and imagefiles.is_directory(output)
+    if directory and fmt != "png":
+        raise ValueError(f"-o {output} is a directory: per-sample files need --format png")
+    if fmt == "png" and not output:
+        raise ValueError("--format png needs -o GRID.png (one grid) or -o DIR/ (one PNG per sample)")
+    if resume and not (output and (fmt == "jsonl" or directory)):
+        raise ValueError("--resume needs -o FILE and --format jsonl, or -o DIR/ and --format png")
     if input_path and (prefix is not None or suffix is not None):
         raise ValueError("give --input, or --prefix/--suffix, not both")
-    path = sharding.shard_path(output, shard, num_shards) if output else None
-    if path:
+    if (image_path is None) != (keep_path is None):
+        raise ValueError("inpainting needs both --image IMG.png and --keep MASK.png")
+    if image_path and (input_path or prefix is not None or suffix is not None):
+        raise ValueError("give --image/--keep, or --input, or --prefix/--suffix, not several")
+    path = (imagefiles.shard_dir if directory else sharding.shard_path)(output, shard, num_shards) if output else None
+    if directory:
+        imagefiles.check_output(path, resume, force)
+    elif path:
         merge.check_output(path, resume, force, input_path)
     dev = generation.pick_device(sharding.launcher_device(device, os.environ))
     if sampler_path:
@@ -103,7 +117,11 @@ def sample(model_name, sampler_path, steps, base, gamma, temperature, margin, ev
                                      ("counts", "even" if even else None)) if v is not None}
         sampler = Sampler.plain(steps, base=base, denoise=denoise, options=options)
         sampler.check()
-    conditions = api.conditions(model, prefix, suffix, input_path)
+    if fmt == "png":
+        from lsdtool import images
+
+        images.shape_of(model)  # a text model: refused before anything is drawn or written
+    conditions = api.conditions(model, prefix, suffix, input_path, image=image_path, keep=keep_path)
     num = api.sample_count(num, conditions, input_path)
     indices = sharding.shard_range(num, shard, num_shards)
     if num_shards > 1:
@@ -118,6 +136,9 @@ def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output, 
     from lsdtool import api, conditioning, console, generation, merge
 
     extra = generation.provenance(model, sampler, seed)
+    if fmt == "png":
+        _write_images(model, sampler, indices, seed, batch_size, dev, output, conditions, resume, force, extra)
+        return
     opened = merge.open_output(output, indices, extra, resume, force) if output else contextlib.nullcontext((sys.stdout.buffer, 0))
     with opened as (out, done):
         if done:
@@ -130,6 +151,20 @@ def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output, 
                     fields = extra if given is None else {**extra, "given": conditioning.spans(given[k])}
                     out.write((generation.record(model, i, row, fmt, fields) + "\n").encode("utf-8"))
                 out.flush()
+
+
+def _write_images(model, sampler, indices, seed, batch_size, dev, output, conditions, resume, force, extra):
+    from lsdtool import api, console, imagefiles
+
+    def draw(todo):
+        with console.Bars() as bars:
+            yield from api.sample_batches(model, sampler, todo, seed, batch_size=batch_size, device=dev,
+                                          conditions=conditions, progress=bars)
+
+    if imagefiles.is_directory(output):
+        imagefiles.write_directory(model, output, indices, extra, draw, resume, force, console.log)
+    else:
+        imagefiles.write_grid(model, output, draw(indices), console.log)
 
 
 @main.command("models")
@@ -160,14 +195,22 @@ def models_cmd(as_json):
 
 
 @main.command("merge")
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here (atomically) instead of stdout.")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", type=click.Path(), help="Write here (atomically) instead of stdout; a directory DIR/ for PNG directories.")
 def merge_cmd(files, output):
-    """Join jsonl sample files (e.g. shards) in index order, checking every index appears once
-    and all came from one sampler, model and seed."""
-    from lsdtool import console, merge
+    """Join jsonl sample files (e.g. shards) in index order, or directories of per-sample PNGs into -o DIR/,
+    checking every index appears once and all came from one sampler, model and seed."""
+    from lsdtool import console, imagefiles, merge
 
-    n = merge.merge(list(files), output)
+    dirs = [os.path.isdir(f) for f in files]
+    if any(dirs) and not all(dirs):
+        raise ValueError("give jsonl files or PNG directories to merge, not both")
+    if all(dirs):
+        n = imagefiles.merge_directories(list(files), output)
+    else:
+        if output and imagefiles.is_directory(output):
+            raise ValueError(f"-o {output} is a directory; jsonl files merge into a file")
+        n = merge.merge(list(files), output)
     console.log(f"merged {n} samples from {len(files)} files" + (f" into {output}" if output else ""))
 
 
@@ -364,13 +407,17 @@ def _nfe_list(ctx, param, value):
 @click.option("--batch-size", type=int, default=64, show_default=True, callback=bounds.batch_range)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (protocol and rows) instead of the table.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the rows as CSV.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also plot metric vs NFE (PNG; needs matplotlib).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also plot metric vs NFE (PNG; needs matplotlib); image models: a grid of samples, samplers x NFE.")
 @click.option("--data", type=click.Path(dir_okay=False), help="Clean data for jys (jsonl of token ids); countdown generates its own.")
 @click.option("--eval-model", help="Causal LM for generative perplexity of text models  [default: gpt2-large]")
 @click.option("--metric", "metrics", multiple=True, metavar="NAME|MODULE:FUNCTION",
               help="Score samples with countdown, gen-ppl or your function of the tokens (B, L) returning per-sample "
                    "values (B,) or a dict of them; repeatable, the first is the headline  [default: countdown for "
                    "countdown-task models, else gen-ppl]")
+@click.option("--reference", help="fid, kid: a directory of PNG images, a statistics .npz (mu, sigma) or cifar10-train.")
+@click.option("--inception-weights", type=click.Path(dir_okay=False),
+              help="fid, kid: torch-fidelity's Inception-v3 weights file  [default: torch hub's cache]")
 @click.option("--per-sample-ppl", is_flag=True, help="Show the per-sample perplexity (mean of exp(mean NLL)) in the table.")
 @click.option("--tune-n", type=int, callback=bounds.in_range(1, bounds.INDEX_LIMIT), help="Held-out samples for tuning euler-temp and power  [default: min(n, 128)]")
 @click.option("--no-teacher", is_flag=True, help="Leave out the teacher reference row.")
@@ -379,7 +426,8 @@ def _nfe_list(ctx, param, value):
 @device_option
 @offline_option
 def compare(model_name, nfes, samplers, num, seed, teacher_steps, batch_size, as_json, csv_path, plot_path, data,
-            eval_model, metrics, per_sample_ppl, tune_n, no_teacher, recipe_file, cache_dir, device, offline):
+            eval_model, metrics, reference, inception_weights, per_sample_ppl, tune_n, no_teacher, recipe_file, cache_dir,
+            device, offline):
     """Compare samplers x NFE on one model from the same seeds; a table (or --json) on stdout."""
     import json
 
@@ -388,11 +436,6 @@ def compare(model_name, nfes, samplers, num, seed, teacher_steps, batch_size, as
     from lsdtool.locations import cache_root
 
     names = cmp.parse_samplers(samplers)
-    if plot_path:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise click.ClickException("--plot needs matplotlib: pip install 'lsdtool[plot]'") from None
     for target in (csv_path, plot_path):
         if target:
             fileio.check_file(target)
@@ -400,8 +443,14 @@ def compare(model_name, nfes, samplers, num, seed, teacher_steps, batch_size, as
         fileio.check_dir(cache_root(cache_dir))
     dev = generation.pick_device(device)
     model = models.load(model_name, device=dev, offline=offline)
+    if plot_path and getattr(model, "shape", None) is None:  # an image model's plot is a PNG grid of its own
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.ClickException("--plot needs matplotlib: pip install 'lsdtool[plot]'") from None
     local_only = True if offline else None
-    evaluator = cmp.make_evaluator(model, eval_model, dev, local_files_only=local_only, metric=list(metrics) or None)
+    evaluator = cmp.make_evaluator(model, eval_model, dev, local_files_only=local_only, metric=list(metrics) or None,
+                                   reference=reference, inception_weights=inception_weights)
     with console.progress() as bar:
         task = bar.add_task("compare", total=1)
 
@@ -500,6 +549,8 @@ def _compare_csv(result, path):
 
 
 def _compare_plot(result, path, per_sample_ppl=False):
+    if any(r.preview is not None for r in result.rows):
+        return _compare_grid(result, path)
     import matplotlib
 
     from lsdtool import fileio
@@ -536,6 +587,17 @@ def _compare_plot(result, path, per_sample_ppl=False):
     with fileio.atomic_write(path, "wb") as f:
         fig.savefig(f, format=os.path.splitext(path)[1][1:].lower() or "png")
     plt.close(fig)
+
+
+def _compare_grid(result, path):
+    """Image models: one PNG, a row per sampler and a column per NFE, each cell the first samples (same seeds)."""
+    from lsdtool import console, fileio, images
+
+    names = [n for n in result.protocol["samplers"] if any(r.sampler == n for r in result.rows)]
+    nfes = result.protocol["nfe"]
+    cell = {(r.sampler, r.nfe): r.preview for r in result.rows}
+    fileio.write_bytes(path, images.encode(images.table([[cell.get((n, k)) for k in nfes] for n in names])))
+    console.log(f"{path}: rows {', '.join(names)}; columns NFE {', '.join(map(str, nfes))}")
 
 
 if __name__ == "__main__":

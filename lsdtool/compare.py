@@ -66,6 +66,7 @@ class Row:
     details: dict = field(default_factory=dict)
     nfe_mean: float | None = None  # realised model calls per sample (mean, max); None: not measured
     nfe_max: int | None = None
+    preview: torch.Tensor | None = field(default=None, repr=False)  # image models: pixels of the first samples
 
     def as_dict(self) -> dict:
         out = {"sampler": self.sampler, "steps": self.steps, "nfe": self.nfe, "metrics": self.metrics,
@@ -96,15 +97,17 @@ class Skip(Exception):
 
 # ---- evaluation ------------------------------------------------------------------------------------
 
-def make_evaluator(model, eval_model: str | None, device, batch_size: int = 8, local_files_only=None, metric=None):
+def make_evaluator(model, eval_model: str | None, device, batch_size: int = 8, local_files_only=None, metric=None,
+                   **context):
     """The metric(s) of a comparison: ``metric`` (a name, MODULE:FUNCTION, a function, or a list of them),
-    else the metric of the model's task (countdown's figures), else generative perplexity."""
+    else the metric of the model's task (countdown's figures), else generative perplexity. ``context``
+    (``reference=``, ``inception_weights=``) goes to the built-in factories that take it (fid, kid)."""
     from lsdtool.metrics import default_metric, make_metrics
 
     if metric is None:
         metric = default_metric(model, eval_model)
     return make_metrics(metric, model=model, device=device, eval_model=eval_model, batch_size=batch_size,
-                        local_files_only=local_files_only)
+                        local_files_only=local_files_only, **context)
 
 
 # ---- sampler names ---------------------------------------------------------------------------------
@@ -323,6 +326,18 @@ def _log_row(ctx: CompareSettings, row: Row) -> None:
             + f" ({row.seconds_per_sample * 1000:.1f} ms/sample{', cached' if row.details.get('cached') else ''})")
 
 
+PREVIEW = 8  # samples per cell of an image model's --plot grid
+
+
+def _preview(model, x: torch.Tensor) -> torch.Tensor | None:
+    """Pixels (k, H, W, C) of the first :data:`PREVIEW` samples of an image model (one with ``shape``), else None."""
+    if getattr(model, "shape", None) is None:
+        return None
+    from lsdtool import images
+
+    return images.samples_to_images(model, x[:PREVIEW])
+
+
 def teacher_row(ctx: CompareSettings, steps: int) -> Row:
     """The teacher reference row (Euler, ``steps`` steps). Its result is kept in the cache under
     compare/, keyed by everything it depends on, so a second identical run does not sample it again;
@@ -391,7 +406,7 @@ def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: in
             calls: list = []
             x, seconds = draw(ctx, sampler, n, seed, f"{name} NFE {nfe}", calls)
             rows.append(Row(name, sampler.steps, nfe, evaluator(x), seconds / n, details,
-                            calls[0].double().mean().item(), int(calls[0].max())))
+                            calls[0].double().mean().item(), int(calls[0].max()), _preview(model, x)))
             _log_row(ctx, rows[-1])
     if teacher:
         rows.append(teacher_row(ctx, n_teacher))
@@ -409,6 +424,9 @@ def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: in
         protocol["recipe"] = str(recipe_file)
     if hasattr(evaluator, "headlines"):
         protocol["headlines"] = evaluator.headlines
+    image_protocols = [m.protocol for m in getattr(evaluator, "metrics", [evaluator]) if hasattr(m, "protocol")]
+    if image_protocols:  # FID/KID: features, reference, KID subsets
+        protocol["image_metrics"] = image_protocols
     if any(isinstance(m, TextEval) for m in getattr(evaluator, "metrics", [evaluator])):
         import transformers
 

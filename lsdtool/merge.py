@@ -29,6 +29,11 @@ class Record:
     length: int
     index: int
     source: tuple
+    name: str | None = None  # a file of its own (a per-sample PNG) instead of a line
+
+    @property
+    def place(self) -> str:
+        return f"line {self.line}" if self.name is None else self.name
 
 
 def _parse(raw: bytes):
@@ -160,13 +165,14 @@ def _check_shard_names(paths: list[str]) -> None:
         raise LsdError(f"shard {missing[0]} of {num_shards} is missing" + (f" ({len(missing)} shards missing)" if len(missing) > 1 else ""))
 
 
-def plan(paths: list[str]) -> list[tuple[str, Record]]:
-    """(file, record) for indices 0..n-1 in order, after checking each appears once and all agree."""
-    _check_shard_names(paths)
+def plan(paths: list[str], read=lambda path: scan(path)[0]) -> list[tuple[str, Record]]:
+    """(file, record) for indices 0..n-1 in order, after checking each appears once and all agree;
+    ``read(path)`` gives a path's records (a jsonl file's by default)."""
+    _check_shard_names([p.rstrip("/" + os.sep) or p for p in paths])
     seen: dict[int, tuple[str, Record]] = {}
     reference = None
     for path in paths:
-        for r in scan(path)[0]:
+        for r in read(path):
             if r.index in seen:
                 other, first = seen[r.index]
                 where = f"twice in {path} (lines {first.line} and {r.line})" if other == path else f"in {other} and {path}"
@@ -175,7 +181,7 @@ def plan(paths: list[str]) -> list[tuple[str, Record]]:
                 reference = (path, r)
             diff = _mismatch(r.source, reference[1].source)
             if diff:
-                raise LsdError(f"{path} line {r.line} was sampled with {diff[0]}, {reference[0]} with {diff[1]}")
+                raise LsdError(f"{path} {r.place} was sampled with {diff[0]}, {reference[0]} with {diff[1]}")
             seen[r.index] = (path, r)
     n = max(seen, default=-1) + 1
     if len(seen) < n:

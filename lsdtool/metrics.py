@@ -1,4 +1,5 @@
-"""Quality metrics: the countdown error figures (DESIGN §9) and text metrics (§11)."""
+"""Quality metrics: the countdown error figures (DESIGN §9), text metrics (§11) and the registry that also
+names the image metrics of :mod:`lsdtool.metrics_image` (FID, KID)."""
 
 from __future__ import annotations
 
@@ -231,8 +232,10 @@ class MetricSet:
         out: dict = {}
         for m in self.metrics:
             figures = m(x)
-            if "diversity" in out:  # a set-level figure every per-sample metric adds: the first one stands
-                figures.pop("diversity", None)
+            div = getattr(m, "diversity", ("diversity",))[0]
+            if div in out:  # the diversity figure each metric adds: the first one stands
+                figures.pop(div, None)
+                figures.pop(f"{div}_se", None)
             clash = sorted(set(figures) & set(out))
             if clash:
                 raise LsdError(f"metrics {self.name} both report {clash[0]!r}; name the figures apart")
@@ -250,8 +253,24 @@ def gen_ppl_metric(*, model, device, eval_model=None, batch_size: int = 8, local
     return TextEval(eval_model or "gpt2-large", device, model.vocab_size, batch_size, local_files_only)
 
 
-# name -> factory(model=, device=, eval_model=, batch_size=, local_files_only=) -> metric
-BUILTIN_METRICS = {"countdown": countdown_metric, "gen-ppl": gen_ppl_metric}
+def plugin_factory(spec: str):
+    """A built-in metric factory that lives in a module of its own (``MODULE:FACTORY``), imported on first use
+    like a user's metric, so that module may build on this one (image metrics: :mod:`lsdtool.metrics_image`)."""
+
+    def factory(**context):
+        import importlib
+
+        module, _, name = spec.partition(":")
+        return getattr(importlib.import_module(module), name)(**context)
+
+    factory.__doc__ = f"The metric of {spec}."
+    return factory
+
+
+# name -> factory(model=, device=, eval_model=, batch_size=, local_files_only=, reference=, inception_weights=) -> metric
+BUILTIN_METRICS = {"countdown": countdown_metric, "gen-ppl": gen_ppl_metric,
+                   "fid": plugin_factory("lsdtool.metrics_image:fid_metric"),
+                   "kid": plugin_factory("lsdtool.metrics_image:kid_metric")}
 
 
 def resolve_metric(spec: str, **context):
