@@ -162,7 +162,7 @@ def read(path: str | Path) -> tuple[dict[str, str], list[float], list[float]]:
         options = json.loads(meta.get("options") or "{}")
     except ValueError:
         raise LsdError(f"{path} has malformed metadata (options)") from None
-    problem = grid_problem(ts, cs, meta["base"], meta["mode"]) or options_problem(meta["base"], options)
+    problem = grid_problem(ts, cs, meta["base"], meta["mode"]) or options_problem(meta["base"], options, len(cs))
     if problem:
         raise LsdError(f"{path}: {problem}")
     if len(cs) != steps:
