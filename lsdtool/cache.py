@@ -41,7 +41,7 @@ def jys_path(model_name: str, settings: dict, steps: int, root: Path) -> Path:
 def lookup(model_name: str, overrides: dict | None = None, *, cache_dir=None, recipe_file: str | None = None,
            offline: bool | None = None) -> Path | None:
     """The cached artifact for a model and recipe, found without loading the model (or torch); None on a miss."""
-    from lsdtool.models.locate import identify
+    from lsdtool.models.dllm import identify
 
     name, fingerprint = identify(model_name, offline)
     recipe = recipes.effective(name, recipe_file, overrides)

@@ -12,12 +12,18 @@ from lsdtool.models.locate import availability, identify, is_checkpoint_name
 from lsdtool.models.registry import REGISTRY
 
 
-def load(name_or_path: str, device=None, offline: bool | None = None) -> DiffusionModel:
-    """Load a model by short name, hub id or local directory, on ``device`` (default CPU)."""
+def load(name_or_path: str, device=None, offline: bool | None = None, trust_remote_code: bool = False) -> DiffusionModel:
+    """Load a model by short name, hub id or local directory, on ``device`` (default CPU); a transformers model
+    that ships its own code loads only with ``trust_remote_code``."""
+    from lsdtool.models import dllm
+
+    source = dllm.find(name_or_path, offline) if name_or_path != "countdown" else None
     if name_or_path == "countdown":
         from lsdtool.models.countdown import CountdownModel
 
         model = CountdownModel()
+    elif source is not None:
+        model = dllm.load(name_or_path, source, trust_remote_code=trust_remote_code, device=device)
     elif is_checkpoint_name(name_or_path):
         from lsdtool.models.loading import load_pretrained
 
