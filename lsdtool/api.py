@@ -19,11 +19,13 @@ from lsdtool.samplers import Sampler
 Progress = Callable[[str, float, float], None]
 
 
-def load_model(name_or_path: str, device=None, offline: bool | None = None):
-    """A model by registry name, hub id or local directory, on ``device`` (None or "auto": CUDA when present)."""
+def load_model(name_or_path: str, device=None, offline: bool | None = None, trust_remote_code: bool = False):
+    """A model by registry name, hub id or local directory, on ``device`` (None or "auto": CUDA when present);
+    ``trust_remote_code`` lets a transformers model run the code it ships."""
     from lsdtool import generation, models
 
-    return models.load(name_or_path, device=generation.pick_device(device), offline=offline)
+    return models.load(name_or_path, device=generation.pick_device(device), offline=offline,
+                       trust_remote_code=trust_remote_code)
 
 
 def distill(model, steps: int | None = None, plus: bool | None = None, *, cache: bool = True, cache_dir=None,
@@ -55,15 +57,37 @@ def distill(model, steps: int | None = None, plus: bool | None = None, *, cache:
 
 
 def load_artifact(path: str | Path, model_name: str | None = None, device=None, offline: bool | None = None,
-                  force: bool = False):
+                  force: bool = False, trust_remote_code: bool = False):
     """(model, sampler) of an artifact: the model it names (or ``model_name``), loaded on ``device``, and the
     sampler checked to fit it (``force`` accepts one distilled for another model of the same graph)."""
     sampler = Sampler.load(path)
     source = model_name or sampler.meta.get("model_source") or sampler.meta.get("model")
     if not source:
         raise LsdError(f"{path} is a plain sampler that names no model; say which model to use (--model)")
-    model = load_model(source, device=device, offline=offline)
+    model = load_model(source, device=device, offline=offline, trust_remote_code=trust_remote_code)
     return model, Sampler.load(path, model=model, force=force)
+
+
+def check_layout(sampler: Sampler, gen_length: int | None, block_length: int | None) -> None:
+    """LsdError unless a sampler made for a gen/block length is used with the same ones."""
+    options = sampler.options
+    for key, value in (("gen_length", gen_length), ("block_length", block_length)):
+        have = options.get(key) if key == "gen_length" else options.get(key, options.get("gen_length"))
+        if value is not None and have != value:
+            what = key.replace("_", " ")
+            raise LsdError(f"this sampler was distilled for {what} {have}, not {value}; distil one for {value}")
+
+
+def prompted(model, sampler: Sampler, prompt: str | None = None, prompts: str | Path | None = None, chat: bool = False):
+    """The fixed prompt tokens of ``--prompt`` (every sample) or ``--prompts`` (jsonl, one per sample) before the
+    sampler's ``gen_length`` generated tokens, as :class:`lsdtool.conditioning.Conditions` (None without a
+    prompt); sets the model's sequence length to prompt + gen length."""
+    from lsdtool import prompts as prompting
+
+    gen = sampler.options.get("gen_length")
+    if gen is None:
+        raise LsdError("prompted generation needs a sampler with a gen_length")
+    return prompting.prompted(model, int(gen), prompt, None if prompts is None else str(prompts), chat)
 
 
 def conditions(model, prefix: str | None = None, suffix: str | None = None, input: str | Path | None = None):
@@ -123,13 +147,18 @@ def sample_batches(model, sampler: Sampler, indices, seed: int = 0, *, batch_siz
 
 def sample(model, sampler: Sampler, n: int | None = None, seed: int = 0, *, batch_size: int = 64, device=None,
            prefix: str | None = None, suffix: str | None = None, input: str | Path | None = None,
+           prompt: str | None = None, prompts: str | Path | None = None, chat: bool = False,
            progress: Progress | None = None) -> torch.LongTensor:
     """Samples 0..n-1 as an (n, L) LongTensor on CPU, identical to ``lsd sample ... -n n --seed seed``.
     ``sampler`` is a :class:`Sampler` (``Sampler.plain(8)``, ``Sampler.load(path)``, :func:`distill`) or an
-    artifact path; ``n`` defaults to 16, or one per line of ``input``."""
+    artifact path; ``n`` defaults to 16, or one per line of ``input`` (``prompts``). With a sampler that has a
+    ``gen_length``, ``prompt``/``prompts``/``chat`` are as :func:`prompted` (rows: prompt then generated tokens)."""
     if isinstance(sampler, (str, Path)):
         sampler = Sampler.load(sampler, model=model)
-    fixed = conditions(model, prefix, suffix, input)
+    if sampler.options.get("gen_length"):
+        fixed, input = prompted(model, sampler, prompt, prompts, chat), prompts
+    else:
+        fixed = conditions(model, prefix, suffix, input)
     n = sample_count(n, fixed, input)
     out = [x for _, x in sample_batches(model, sampler, n, seed, batch_size=batch_size, device=device,
                                         conditions=fixed, progress=progress)]

@@ -56,9 +56,9 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 @click.option("--model", "model_name", help="Model: registry name, hub id or local directory.")
 @click.option("--sampler", "sampler_path", type=click.Path(dir_okay=True), help="Distilled sampler artifact (.safetensors); it names the model.")
 @click.option("--steps", type=int, callback=bounds.steps_range, help="Number of steps of a plain sampler.")
-@click.option("--base", type=click.Choice(steprules.NAMES), default="euler", show_default=True, help="Step rule.")
+@click.option("--base", type=click.Choice(steprules.NAMES), default=None, help="Step rule  [default: euler; confidence with --gen-length]")
 @click.option("--gamma", type=float, help="entropy-bound: joint-entropy budget per step  [default: 0.1]; --steps caps the calls.")
-@click.option("--temperature", type=float, help="confidence, entropy-bound: candidate temperature  [default: 1]")
+@click.option("--temperature", type=float, help="confidence, entropy-bound: candidate temperature  [default: 1]; 0: greedy (argmax; also count)")
 @click.option("--margin", is_flag=True, help="confidence: rank by top-1 minus top-2 probability instead of the drawn token's.")
 @click.option("--even", is_flag=True, help="count, confidence: commit an even share of the masks per step (LLaDA's split) instead of following the noise schedule.")
 @click.option("--denoise", is_flag=True, help="Add SEDD's final denoise step (one more NFE).")
@@ -74,10 +74,19 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 @click.option("--prefix", help="Text every sample starts with (kept fixed).")
 @click.option("--suffix", help="Text every sample ends with (kept fixed).")
 @click.option("--input", "input_path", type=click.Path(dir_okay=False), help="jsonl: line k gives sample k's prefix/suffix, or tokens with nulls to fill.")
+@click.option("--prompt", help="Prompt of every sample (the generated tokens follow it); needs --gen-length.")
+@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), help='jsonl: line k holds sample k\'s {"prompt": TEXT}.')
+@click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template.")
+@click.option("--gen-length", type=int, callback=bounds.in_range(1, bounds.INDEX_LIMIT), help="Tokens generated after the prompt.")
+@click.option("--block-length", type=int, callback=bounds.in_range(1, bounds.INDEX_LIMIT), help="Generate in blocks of this many tokens, left to right  [default: --gen-length]; --steps is the total over the blocks.")
+@click.option("--remasking", type=click.Choice(["low_confidence", "random"]), help="With --gen-length: commit the most confident candidates (confidence) or random ones (count).")
+@click.option("--cfg", type=float, help="Classifier-free guidance scale (the prompt masked in the unconditional copy).")
+@click.option("--trust-remote-code", is_flag=True, help="Let a transformers model run the code it ships.")
 @device_option
 @offline_option
 def sample(model_name, sampler_path, steps, base, gamma, temperature, margin, even, denoise, num, seed, batch_size, fmt, output, force, shard_spec,
-           resume, prefix, suffix, input_path, device, offline):
+           resume, prefix, suffix, input_path, prompt, prompts_path, chat, gen_length, block_length, remasking, cfg,
+           trust_remote_code, device, offline):
     """Draw samples; one per line on stdout (or -o FILE)."""
     from lsdtool import api, console, generation, merge, sharding
     from lsdtool.samplers import Sampler
@@ -87,21 +96,39 @@ def sample(model_name, sampler_path, steps, base, gamma, temperature, margin, ev
         raise ValueError("--resume needs -o FILE and --format jsonl")
     if input_path and (prefix is not None or suffix is not None):
         raise ValueError("give --input, or --prefix/--suffix, not both")
+    prompted = prompt is not None or prompts_path is not None
+    if prompted and (input_path or prefix is not None or suffix is not None):
+        raise ValueError("give --prompt/--prompts, or --input/--prefix/--suffix, not both")
+    if (prompted or chat) and gen_length is None and not sampler_path:
+        raise ValueError("--prompt, --prompts and --chat need --gen-length")
     path = sharding.shard_path(output, shard, num_shards) if output else None
     if path:
-        merge.check_output(path, resume, force, input_path)
+        merge.check_output(path, resume, force, input_path or prompts_path)
     dev = generation.pick_device(sharding.launcher_device(device, os.environ))
     if sampler_path:
-        model, sampler = api.load_artifact(sampler_path, model_name, device=dev, offline=offline, force=force)
+        model, sampler = api.load_artifact(sampler_path, model_name, device=dev, offline=offline, force=force,
+                                           trust_remote_code=trust_remote_code)
+        if gen_length is not None or block_length is not None:
+            api.check_layout(sampler, gen_length, block_length)
     else:
         if not model_name or steps is None:
             raise click.UsageError("give --model and --steps, or --sampler ARTIFACT")
-        model = api.load_model(model_name, device=dev, offline=offline)
-        options = {k: v for k, v in (("gamma", gamma), ("temperature", temperature), ("score", "margin" if margin else None),
-                                     ("counts", "even" if even else None)) if v is not None}
+        blocks = {"gen_length": gen_length, "block_length": block_length, "cfg": cfg} if gen_length is not None else {}
+        if base is None:
+            base = ("count" if remasking == "random" else "confidence") if gen_length is not None else "euler"
+        greedy = temperature == 0
+        options = {k: v for k, v in (("gamma", gamma), ("temperature", None if greedy else temperature),
+                                     ("greedy", True if greedy else None),
+                                     ("score", "margin" if margin else None), ("counts", "even" if even else None),
+                                     *blocks.items()) if v is not None}
         sampler = Sampler.plain(steps, base=base, denoise=denoise, options=options)
-        sampler.check()
-    conditions = api.conditions(model, prefix, suffix, input_path)
+        sampler.check()  # before the model loads
+        model = api.load_model(model_name, device=dev, offline=offline, trust_remote_code=trust_remote_code)
+    if sampler.options.get("gen_length"):
+        conditions = api.prompted(model, sampler, prompt, prompts_path, chat)
+        input_path = prompts_path
+    else:
+        conditions = api.conditions(model, prefix, suffix, input_path)
     num = api.sample_count(num, conditions, input_path)
     indices = sharding.shard_range(num, shard, num_shards)
     if num_shards > 1:
@@ -113,7 +140,7 @@ def sample(model_name, sampler_path, steps, base, gamma, temperature, margin, ev
 def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output, conditions=None, resume=False, force=False):
     import contextlib
 
-    from lsdtool import api, conditioning, console, generation, merge
+    from lsdtool import api, conditioning, console, generation, merge, prompts
 
     extra = generation.provenance(model, sampler, seed)
     opened = merge.open_output(output, indices, extra, resume, force) if output else contextlib.nullcontext((sys.stdout.buffer, 0))
@@ -124,8 +151,11 @@ def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output, 
             for chunk, x in api.sample_batches(model, sampler, indices[done:], seed, batch_size=batch_size, device=dev,
                                                conditions=conditions, progress=bars):
                 given = conditions.given(chunk) if conditions is not None else None
+                gen = sampler.options.get("gen_length")
                 for k, (i, row) in enumerate(zip(chunk, x)):
                     fields = extra if given is None else {**extra, "given": conditioning.spans(given[k])}
+                    if gen and fmt == "jsonl":
+                        fields = {**fields, "completion": prompts.completion(model, row, int(gen))}
                     out.write((generation.record(model, i, row, fmt, fields) + "\n").encode("utf-8"))
                 out.flush()
 
