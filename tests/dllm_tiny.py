@@ -19,8 +19,17 @@ def modeling_module():
     return module
 
 
+def write_tokenizer(directory) -> None:
+    """countdown-dllm's word-level tokenizer (values 0..31, [MASK] 32, [PAD] 33, <user> 34, <assistant> 35)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_countdown_dllm.py"
+    spec = importlib.util.spec_from_file_location("train_countdown_dllm_for_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_tokenizer(Path(directory))
+
+
 def make_tiny(directory, model_type="llada", vocab=48, mask_id=17, seed=0, hidden=32, layers=2, context=128,
-              mask_bias=-30.0, **extra) -> Path:
+              mask_bias=-30.0, tokenizer=False, **extra) -> Path:
     """A random-weight model in ``directory``; the mask's logit gets ``mask_bias`` (a trained model never
     predicts the mask) unless it is None; ``mask_id=None`` writes no mask id."""
     directory = Path(directory)
@@ -42,4 +51,6 @@ def make_tiny(directory, model_type="llada", vocab=48, mask_id=17, seed=0, hidde
     if mask_id is not None:
         config["mask_token_id"] = mask_id
     (directory / "config.json").write_text(json.dumps(config, indent=1))
+    if tokenizer:  # the countdown-dllm tokenizer: vocab 36, mask 32
+        write_tokenizer(directory)
     return directory
