@@ -56,6 +56,31 @@ def distill(model, steps: int | None = None, plus: bool | None = None, *, cache:
     return sampler
 
 
+def block_recipe(gen_length: int | None, block_length: int | None = None, prompts: str | Path | None = None,
+                 base: str | None = None, teacher_steps: int | None = None, steps: int | None = None) -> dict:
+    """Recipe keys of block-schedule distillation (``lsd distill --gen-length ... --prompts ...``): the lengths, the
+    prompts file and its digest (part of the cache key); the teacher commits one token per step and the rule is
+    ``confidence`` unless said otherwise. {} without a gen length."""
+    if gen_length is None:
+        if prompts is not None or block_length is not None:
+            raise LsdError("--prompts and --block-length need --gen-length")
+        return {}
+    keys = {"gen_length": int(gen_length), "block_length": int(block_length or gen_length),
+            "base": base or "confidence", "teacher_steps": teacher_steps or int(gen_length)}
+    from lsdtool.grids import blocks_problem
+
+    for n, who in ((steps, "student"), (keys["teacher_steps"], "teacher")):
+        problem = blocks_problem(keys, n)
+        if problem:
+            raise LsdError(f"{who}: {problem}")
+    if prompts is not None:
+        import hashlib
+
+        keys["prompts"] = str(Path(prompts).resolve())
+        keys["prompts_digest"] = hashlib.sha256(Path(prompts).read_bytes()).hexdigest()[:16]
+    return keys
+
+
 def load_artifact(path: str | Path, model_name: str | None = None, device=None, offline: bool | None = None,
                   force: bool = False, trust_remote_code: bool = False):
     """(model, sampler) of an artifact: the model it names (or ``model_name``), loaded on ``device``, and the

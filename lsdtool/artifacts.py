@@ -54,7 +54,8 @@ def metadata(model, sampler, recipe: dict, recipe_toml: str, fit: dict) -> dict[
             "teacher_steps": str(recipe.get("teacher_steps", "")),
             "seed": str(recipe.get("seed", "")),
             "recipe": recipe_toml,
-            "fit": json.dumps(fit, sort_keys=True)}
+            "fit": json.dumps(fit, sort_keys=True),
+            **({"prompts_digest": recipe["prompts_digest"]} if recipe.get("prompts_digest") else {})}
 
 
 def describe(sampler, meta: dict | None = None) -> dict[str, str]:

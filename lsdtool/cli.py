@@ -217,19 +217,26 @@ cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False),
 @click.option("--lr", type=float, callback=bounds.positive_finite, help="Learning rate.")
 @click.option("--seed", type=int, callback=bounds.seed_range, help="Seed of the teacher trajectories (0..2**64-1).")
 @click.option("--recipe", "recipe_file", type=click.Path(), help="TOML recipe (default: the shipped one for the model).")
+@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False, exists=True), help='Block decoding: jsonl of {"prompt": TEXT}, one per teacher trajectory (cycled).')
+@click.option("--gen-length", type=int, callback=bounds.in_range(1, bounds.INDEX_LIMIT), help="Block decoding: tokens generated after each prompt.")
+@click.option("--block-length", type=int, callback=bounds.in_range(1, bounds.INDEX_LIMIT), help="Block decoding: block length  [default: --gen-length].")
+@click.option("--trust-remote-code", is_flag=True, help="Let a transformers model run the code it ships.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also copy the artifact here.")
 @click.option("--refit", is_flag=True, help="Distil again even on a cache hit.")
 @cache_dir_option
 @device_option
 @offline_option
 def distill(model_name, steps, plus, base, mode, objective, teacher_steps, samples, iters, batch, lr, seed,
-            recipe_file, out, refit, cache_dir, device, offline):
+            recipe_file, prompts_path, gen_length, block_length, trust_remote_code, out, refit, cache_dir, device, offline):
     """Distil a few-step sampler; prints the artifact path as the last line of stdout."""
     from lsdtool import cache, console, distributed, fileio
     from lsdtool.console import log
 
+    from lsdtool import api as lsd_api
+
     overrides = dict(steps=steps, plus=plus, base=base, mode=mode, objective=objective, teacher_steps=teacher_steps,
                      samples=samples, iters=iters, batch=batch, lr=lr, seed=seed)
+    overrides.update(lsd_api.block_recipe(gen_length, block_length, prompts_path, base, teacher_steps, steps))
     if out:
         fileio.check_file(out)
     launch, fit = distributed.launch_from_env(os.environ), None
@@ -245,7 +252,7 @@ def distill(model_name, steps, plus, base, mode, objective, teacher_steps, sampl
         from lsdtool.locations import cache_root
 
         fileio.check_dir(cache_root(cache_dir))  # before the fit, not after it
-        model = api.load_model(model_name, device=device, offline=offline)
+        model = api.load_model(model_name, device=device, offline=offline, trust_remote_code=trust_remote_code)
         with console.Bars() as bars:
             sampler = api.distill(model, **overrides, cache_dir=cache_dir, recipe=recipe_file, refit=refit,
                                   device=model.device, progress=bars, log=log)

@@ -36,7 +36,8 @@ class StepRule:
     kernel: str  # the kernel type its steps draw with (one of KERNELS)
     graphs: tuple[str, ...]  # names of the graphs it runs on
     step: str  # "module:function" of the step generator, imported lazily
-    distillable: bool  # LSD can fit its coefficients (its kernel has a one-step likelihood)
+    distillable: bool  # LSD can fit its coefficients (its kernel has a one-step likelihood; for the commit rules,
+    # that of the teacher's committed tokens, the commit set taken as given, Phi in temperature mode)
     calls: int | str = 1  # model calls (NFE) per step, or "module:function" of the sampler options -> calls
 
     def step_function(self):
@@ -70,9 +71,9 @@ TEXT = ("absorb", "uniform")
 RULES: dict[str, StepRule] = {rule.name: rule for rule in (
     StepRule("euler", "categorical", TEXT, "lsdtool.samplers:one_call_step", True),
     StepRule("tweedie", "categorical", TEXT, "lsdtool.samplers:one_call_step", True),
-    StepRule("count", "categorical", ("absorb",), "lsdtool.samplers:count_step", False),  # fixed-count random order
+    StepRule("count", "categorical", ("absorb",), "lsdtool.samplers:count_step", True),  # fixed-count random order
     StepRule("theta-trapezoidal", "categorical", TEXT, "lsdtool.samplers:trapezoidal_step", False, 2),  # second order, theta = 1/2
-    StepRule("confidence", "commit-by-score", ("absorb",), "lsdtool.adaptive:confidence_step", False),  # most confident first
+    StepRule("confidence", "commit-by-score", ("absorb",), "lsdtool.adaptive:confidence_step", True),  # most confident first
     StepRule("entropy-bound", "commit-by-score", ("absorb",), "lsdtool.adaptive:entropy_bound_step", False),  # <= 1 call per sample and step
 )}
 NAMES: tuple[str, ...] = tuple(RULES)  # every rule: `lsd sample --base`, compare's plain rows, artifacts
