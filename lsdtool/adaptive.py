@@ -25,7 +25,8 @@ diversity for per-token quality.
 
 A rule's options live in :attr:`Sampler.options <lsdtool.samplers.Sampler>` (checked by
 :func:`lsdtool.grids.options_problem`): ``temperature`` (> 0, default 1) for both, ``score``
-(``probability`` | ``margin``) for confidence, ``gamma`` (>= 0) for entropy-bound.
+(``probability`` | ``margin``) for confidence, ``gamma`` (>= 0) for entropy-bound; confidence (and count)
+also take LLaDA's block decoding, ``greedy`` candidates and ``cfg`` (:mod:`lsdtool.blocks`).
 """
 
 from __future__ import annotations
