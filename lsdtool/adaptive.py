@@ -25,7 +25,8 @@ diversity for per-token quality.
 
 A rule's options live in :attr:`Sampler.options <lsdtool.samplers.Sampler>` (checked by
 :func:`lsdtool.grids.options_problem`): ``temperature`` (> 0, default 1) for both, ``score``
-(``probability`` | ``margin``) for confidence, ``gamma`` (>= 0) for entropy-bound.
+(``probability`` | ``margin``) for confidence, ``gamma`` (>= 0) for entropy-bound; confidence (and count)
+also take LLaDA's block decoding, ``greedy`` candidates and ``cfg`` (:mod:`lsdtool.blocks`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import torch
 
 from lsdtool import rng
 from lsdtool.kernels import _CHUNK_ELEMS, Categorical, CommitByScore
-from lsdtool.samplers import Step, advance, unmask_schedule
+from lsdtool.blocks import greedy_rows
+from lsdtool.samplers import Step, advance, commit_counts
 
 DEFAULT_GAMMA = 0.1  # diffusers' EntropyBoundScheduler default
 _BISECT = 60  # bisection steps of the masked-fraction -> time map (float64 resolution)
@@ -57,9 +59,10 @@ def candidate_rows(graph, noise, log_score: torch.Tensor, x: torch.Tensor, a) ->
     return torch.softmax(a * log_score[:, :-1].to(torch.float64), -1)
 
 
-def candidates(a) -> CommitByScore:
-    """The kernel of the confidence rules: a candidate ~ softmax(a * log s) over the real tokens at every masked row."""
-    return CommitByScore(Categorical(candidate_rows, (a,)))
+def candidates(a, greedy: bool = False) -> CommitByScore:
+    """The kernel of the confidence rules: a candidate ~ softmax(a * log s) over the real tokens at every masked row
+    (its argmax when ``greedy``)."""
+    return CommitByScore(Categorical(greedy_rows if greedy else candidate_rows, (a,)))
 
 
 def row_scores(graph, log_score: torch.Tensor, where: torch.Tensor, a, kind: str, cand: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,16 +150,15 @@ def confidence_step(run, k: int, x: torch.Tensor) -> Iterator[Step]:
     """Confidence: draw a candidate at every masked position, commit the n_k most confident ones."""
     model, sampler = run.model, run.sampler
     if k == 0:
-        run.state["left"] = unmask_schedule(run, run.moving_masks(x).sum(-1))  # (B, M+1)
         run.state["order"] = tiebreak(run, x)
     t, s, t64, s64, final = run.times(k)
     log_score = run.call(x, t)
-    still = run.moving_masks(x)
-    n_k = (still.sum(-1) - run.state["left"][:, k + 1]).clamp_min(0)
+    n_k, open_ = commit_counts(run, k, run.moving_masks(x))  # open: the masked positions of the step's block
     a, a_draw = sharpness(run, k)
-    cand = advance(model, candidates(a_draw).candidates, log_score, x, (run.seed, run.index, k), ~still)
+    greedy = bool(sampler.options.get("greedy", False))
+    cand = advance(model, candidates(a_draw, greedy).candidates, log_score, x, (run.seed, run.index, k), ~open_)
     kind = sampler.options.get("score", "probability")
-    commit = top_n(row_scores(run.graph, log_score, still, a, kind, cand), still, n_k, run.state["order"])
+    commit = top_n(row_scores(run.graph, log_score, open_, a, kind, cand), open_, n_k, run.state["order"])
     yield Step(k, t, s, x, log_score, torch.where(commit, cand, x), final)
 
 

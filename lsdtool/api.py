@@ -19,13 +19,14 @@ from lsdtool.samplers import Sampler
 Progress = Callable[[str, float, float], None]
 
 
-def load_model(name_or_path: str, device=None, offline: bool | None = None):
+def load_model(name_or_path: str, device=None, offline: bool | None = None, trust_remote_code: bool = False):
     """A model by registry name, hub id, local directory, MODULE:FACTORY (a module or a .py file and a function
     returning a DiffusionModel) or a name given to ``lsdtool.models.register``, on ``device`` (None or "auto":
-    CUDA when present)."""
+    CUDA when present); ``trust_remote_code`` lets a transformers model run the code it ships."""
     from lsdtool import generation, models
 
-    return models.load(name_or_path, device=generation.pick_device(device), offline=offline)
+    return models.load(name_or_path, device=generation.pick_device(device), offline=offline,
+                       trust_remote_code=trust_remote_code)
 
 
 def distill(model, steps: int | None = None, plus: bool | None = None, *, cache: bool = True, cache_dir=None,
@@ -56,8 +57,33 @@ def distill(model, steps: int | None = None, plus: bool | None = None, *, cache:
     return sampler
 
 
+def block_recipe(gen_length: int | None, block_length: int | None = None, prompts: str | Path | None = None,
+                 base: str | None = None, teacher_steps: int | None = None, steps: int | None = None) -> dict:
+    """Recipe keys of block-schedule distillation (``lsd distill --gen-length ... --prompts ...``): the lengths, the
+    prompts file and its digest (part of the cache key); the teacher commits one token per step and the rule is
+    ``confidence`` unless said otherwise. {} without a gen length."""
+    if gen_length is None:
+        if prompts is not None or block_length is not None:
+            raise LsdError("--prompts and --block-length need --gen-length")
+        return {}
+    keys = {"gen_length": int(gen_length), "block_length": int(block_length or gen_length),
+            "base": base or "confidence", "teacher_steps": teacher_steps or int(gen_length)}
+    from lsdtool.grids import blocks_problem
+
+    for n, who in ((steps, "student"), (keys["teacher_steps"], "teacher")):
+        problem = blocks_problem(keys, n)
+        if problem:
+            raise LsdError(f"{who}: {problem}")
+    if prompts is not None:
+        import hashlib
+
+        keys["prompts"] = str(Path(prompts).resolve())
+        keys["prompts_digest"] = hashlib.sha256(Path(prompts).read_bytes()).hexdigest()[:16]
+    return keys
+
+
 def load_artifact(path: str | Path, model_name: str | None = None, device=None, offline: bool | None = None,
-                  force: bool = False):
+                  force: bool = False, trust_remote_code: bool = False):
     """(model, sampler) of an artifact: the model it names (or ``model_name``), loaded on ``device``, and the
     sampler checked to fit it (``force`` accepts one distilled for another model of the same graph)."""
     sampler = Sampler.load(path)
@@ -67,13 +93,35 @@ def load_artifact(path: str | Path, model_name: str | None = None, device=None, 
     from lsdtool.models.locate import UnknownModel
 
     try:
-        model = load_model(source, device=device, offline=offline)
+        model = load_model(source, device=device, offline=offline, trust_remote_code=trust_remote_code)
     except UnknownModel:
         if model_name:
             raise
         raise LsdError(f"{path} was made for model {source!r}, which is neither built in nor registered now: register "
                        "it first (lsdtool.models.register), or say which model to use (--model)") from None
     return model, Sampler.load(path, model=model, force=force)
+
+
+def check_layout(sampler: Sampler, gen_length: int | None, block_length: int | None) -> None:
+    """LsdError unless a sampler made for a gen/block length is used with the same ones."""
+    options = sampler.options
+    for key, value in (("gen_length", gen_length), ("block_length", block_length)):
+        have = options.get(key) if key == "gen_length" else options.get(key, options.get("gen_length"))
+        if value is not None and have != value:
+            what = key.replace("_", " ")
+            raise LsdError(f"this sampler was distilled for {what} {have}, not {value}; distil one for {value}")
+
+
+def prompted(model, sampler: Sampler, prompt: str | None = None, prompts: str | Path | None = None, chat: bool = False):
+    """The fixed prompt tokens of ``--prompt`` (every sample) or ``--prompts`` (jsonl, one per sample) before the
+    sampler's ``gen_length`` generated tokens, as :class:`lsdtool.conditioning.Conditions` (None without a
+    prompt); sets the model's sequence length to prompt + gen length."""
+    from lsdtool import prompts as prompting
+
+    gen = sampler.options.get("gen_length")
+    if gen is None:
+        raise LsdError("prompted generation needs a sampler with a gen_length")
+    return prompting.prompted(model, int(gen), prompt, None if prompts is None else str(prompts), chat)
 
 
 def conditions(model, prefix: str | None = None, suffix: str | None = None, input: str | Path | None = None,
@@ -141,13 +189,18 @@ def sample_batches(model, sampler: Sampler, indices, seed: int = 0, *, batch_siz
 
 def sample(model, sampler: Sampler, n: int | None = None, seed: int = 0, *, batch_size: int = 64, device=None,
            prefix: str | None = None, suffix: str | None = None, input: str | Path | None = None,
+           prompt: str | None = None, prompts: str | Path | None = None, chat: bool = False,
            progress: Progress | None = None) -> torch.LongTensor:
     """Samples 0..n-1 as an (n, L) LongTensor on CPU, identical to ``lsd sample ... -n n --seed seed``.
     ``sampler`` is a :class:`Sampler` (``Sampler.plain(8)``, ``Sampler.load(path)``, :func:`distill`) or an
-    artifact path; ``n`` defaults to 16, or one per line of ``input``."""
+    artifact path; ``n`` defaults to 16, or one per line of ``input`` (``prompts``). With a sampler that has a
+    ``gen_length``, ``prompt``/``prompts``/``chat`` are as :func:`prompted` (rows: prompt then generated tokens)."""
     if isinstance(sampler, (str, Path)):
         sampler = Sampler.load(sampler, model=model)
-    fixed = conditions(model, prefix, suffix, input)
+    if sampler.options.get("gen_length"):
+        fixed, input = prompted(model, sampler, prompt, prompts, chat), prompts
+    else:
+        fixed = conditions(model, prefix, suffix, input)
     n = sample_count(n, fixed, input)
     out = [x for _, x in sample_batches(model, sampler, n, seed, batch_size=batch_size, device=device,
                                         conditions=fixed, progress=progress)]

@@ -54,7 +54,8 @@ def metadata(model, sampler, recipe: dict, recipe_toml: str, fit: dict) -> dict[
             "teacher_steps": str(recipe.get("teacher_steps", "")),
             "seed": str(recipe.get("seed", "")),
             "recipe": recipe_toml,
-            "fit": json.dumps(fit, sort_keys=True)}
+            "fit": json.dumps(fit, sort_keys=True),
+            **({"prompts_digest": recipe["prompts_digest"]} if recipe.get("prompts_digest") else {})}
 
 
 def describe(sampler, meta: dict | None = None) -> dict[str, str]:
@@ -162,7 +163,7 @@ def read(path: str | Path) -> tuple[dict[str, str], list[float], list[float]]:
         options = json.loads(meta.get("options") or "{}")
     except ValueError:
         raise LsdError(f"{path} has malformed metadata (options)") from None
-    problem = grid_problem(ts, cs, meta["base"], meta["mode"]) or options_problem(meta["base"], options)
+    problem = grid_problem(ts, cs, meta["base"], meta["mode"]) or options_problem(meta["base"], options, len(cs))
     if problem:
         raise LsdError(f"{path}: {problem}")
     if len(cs) != steps:

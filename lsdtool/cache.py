@@ -43,7 +43,7 @@ def lookup(model_name: str, overrides: dict | None = None, *, cache_dir=None, re
     """The cached artifact for a model and recipe, found without loading the model (or torch); None on a miss,
     and for your own models (:mod:`lsdtool.models.own`), known only once built: :func:`load_or_distill` finds theirs."""
     from lsdtool.models import own
-    from lsdtool.models.locate import identify
+    from lsdtool.models.dllm import identify
 
     if own.is_own(model_name):
         return None

@@ -58,9 +58,9 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 @click.option("--model", "model_name", help=MODEL_HELP)
 @click.option("--sampler", "sampler_path", type=click.Path(dir_okay=True), help="Distilled sampler artifact (.safetensors); it names the model.")
 @click.option("--steps", type=int, callback=bounds.steps_range, help="Number of steps of a plain sampler.")
-@click.option("--base", type=click.Choice(steprules.NAMES), default="euler", show_default=True, help="Step rule.")
+@click.option("--base", type=click.Choice(steprules.NAMES), default=None, help="Step rule  [default: euler; confidence with --gen-length]")
 @click.option("--gamma", type=float, help="entropy-bound: joint-entropy budget per step  [default: 0.1]; --steps caps the calls.")
-@click.option("--temperature", type=float, help="confidence, entropy-bound: candidate temperature  [default: 1]")
+@click.option("--temperature", type=float, help="confidence, entropy-bound: candidate temperature  [default: 1]; 0: greedy (argmax; also count)")
 @click.option("--margin", is_flag=True, help="confidence: rank by top-1 minus top-2 probability instead of the drawn token's.")
 @click.option("--even", is_flag=True, help="count, confidence: commit an even share of the masks per step (LLaDA's split) instead of following the noise schedule.")
 @click.option("--denoise", is_flag=True, help="Add SEDD's final denoise step (one more NFE).")
@@ -79,10 +79,19 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 @click.option("--input", "input_path", type=click.Path(dir_okay=False), help="jsonl: line k gives sample k's prefix/suffix, or tokens with nulls to fill.")
 @click.option("--image", "image_path", type=click.Path(dir_okay=False), help="Inpainting (image models): a PNG whose pixels --keep fixes.")
 @click.option("--keep", "keep_path", type=click.Path(dir_okay=False), help="Inpainting: a PNG mask; its non-zero pixels keep --image's values.")
+@click.option("--prompt", help="Prompt of every sample (the generated tokens follow it); needs --gen-length.")
+@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), help='jsonl: line k holds sample k\'s {"prompt": TEXT}.')
+@click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template.")
+@click.option("--gen-length", type=int, callback=bounds.in_range(1, bounds.INDEX_LIMIT), help="Tokens generated after the prompt.")
+@click.option("--block-length", type=int, callback=bounds.in_range(1, bounds.INDEX_LIMIT), help="Generate in blocks of this many tokens, left to right  [default: --gen-length]; --steps is the total over the blocks.")
+@click.option("--remasking", type=click.Choice(["low_confidence", "random"]), help="With --gen-length: commit the most confident candidates (confidence) or random ones (count).")
+@click.option("--cfg", type=float, help="Classifier-free guidance scale (the prompt masked in the unconditional copy).")
+@click.option("--trust-remote-code", is_flag=True, help="Let a transformers model run the code it ships.")
 @device_option
 @offline_option
 def sample(model_name, sampler_path, steps, base, gamma, temperature, margin, even, denoise, num, seed, batch_size, fmt, output, force, shard_spec,
-           resume, prefix, suffix, input_path, image_path, keep_path, device, offline):
+           resume, prefix, suffix, input_path, image_path, keep_path, prompt, prompts_path, chat, gen_length, block_length,
+           remasking, cfg, trust_remote_code, device, offline):
     """Draw samples; one per line on stdout (or -o FILE)."""
     from lsdtool import api, console, generation, imagefiles, merge, sharding
     from lsdtool.samplers import Sampler
@@ -99,29 +108,45 @@ def sample(model_name, sampler_path, steps, base, gamma, temperature, margin, ev
         raise ValueError("give --input, or --prefix/--suffix, not both")
     if (image_path is None) != (keep_path is None):
         raise ValueError("inpainting needs both --image IMG.png and --keep MASK.png")
-    if image_path and (input_path or prefix is not None or suffix is not None):
-        raise ValueError("give --image/--keep, or --input, or --prefix/--suffix, not several")
+    prompted = prompt is not None or prompts_path is not None
+    if sum(bool(v) for v in (image_path, input_path or prefix is not None or suffix is not None, prompted)) > 1:
+        raise ValueError("give one of --image/--keep, --prompt/--prompts, or --input/--prefix/--suffix, not several")
+    if (prompted or chat) and gen_length is None and not sampler_path:
+        raise ValueError("--prompt, --prompts and --chat need --gen-length")
     path = (imagefiles.shard_dir if directory else sharding.shard_path)(output, shard, num_shards) if output else None
     if directory:
         imagefiles.check_output(path, resume, force)
     elif path:
-        merge.check_output(path, resume, force, input_path)
+        merge.check_output(path, resume, force, input_path or prompts_path)
     dev = generation.pick_device(sharding.launcher_device(device, os.environ))
     if sampler_path:
-        model, sampler = api.load_artifact(sampler_path, model_name, device=dev, offline=offline, force=force)
+        model, sampler = api.load_artifact(sampler_path, model_name, device=dev, offline=offline, force=force,
+                                           trust_remote_code=trust_remote_code)
+        if gen_length is not None or block_length is not None:
+            api.check_layout(sampler, gen_length, block_length)
     else:
         if not model_name or steps is None:
             raise click.UsageError("give --model and --steps, or --sampler ARTIFACT")
-        model = api.load_model(model_name, device=dev, offline=offline)
-        options = {k: v for k, v in (("gamma", gamma), ("temperature", temperature), ("score", "margin" if margin else None),
-                                     ("counts", "even" if even else None)) if v is not None}
+        blocks = {"gen_length": gen_length, "block_length": block_length, "cfg": cfg} if gen_length is not None else {}
+        if base is None:
+            base = ("count" if remasking == "random" else "confidence") if gen_length is not None else "euler"
+        greedy = temperature == 0
+        options = {k: v for k, v in (("gamma", gamma), ("temperature", None if greedy else temperature),
+                                     ("greedy", True if greedy else None),
+                                     ("score", "margin" if margin else None), ("counts", "even" if even else None),
+                                     *blocks.items()) if v is not None}
         sampler = Sampler.plain(steps, base=base, denoise=denoise, options=options)
-        sampler.check()
+        sampler.check()  # before the model loads
+        model = api.load_model(model_name, device=dev, offline=offline, trust_remote_code=trust_remote_code)
     if fmt == "png":
         from lsdtool import images
 
         images.shape_of(model)  # a text model: refused before anything is drawn or written
-    conditions = api.conditions(model, prefix, suffix, input_path, image=image_path, keep=keep_path)
+    if sampler.options.get("gen_length"):
+        conditions = api.prompted(model, sampler, prompt, prompts_path, chat)
+        input_path = prompts_path
+    else:
+        conditions = api.conditions(model, prefix, suffix, input_path, image=image_path, keep=keep_path)
     num = api.sample_count(num, conditions, input_path)
     indices = sharding.shard_range(num, shard, num_shards)
     if num_shards > 1:
@@ -133,7 +158,7 @@ def sample(model_name, sampler_path, steps, base, gamma, temperature, margin, ev
 def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output, conditions=None, resume=False, force=False):
     import contextlib
 
-    from lsdtool import api, conditioning, console, generation, merge
+    from lsdtool import api, conditioning, console, generation, merge, prompts
 
     extra = generation.provenance(model, sampler, seed)
     if fmt == "png":
@@ -147,8 +172,11 @@ def _write_samples(model, sampler, indices, seed, batch_size, dev, fmt, output, 
             for chunk, x in api.sample_batches(model, sampler, indices[done:], seed, batch_size=batch_size, device=dev,
                                                conditions=conditions, progress=bars):
                 given = conditions.given(chunk) if conditions is not None else None
+                gen = sampler.options.get("gen_length")
                 for k, (i, row) in enumerate(zip(chunk, x)):
                     fields = extra if given is None else {**extra, "given": conditioning.spans(given[k])}
+                    if gen and fmt == "jsonl":
+                        fields = {**fields, "completion": prompts.completion(model, row, int(gen))}
                     out.write((generation.record(model, i, row, fmt, fields) + "\n").encode("utf-8"))
                 out.flush()
 
@@ -232,19 +260,26 @@ cache_dir_option = click.option("--cache-dir", type=click.Path(file_okay=False),
 @click.option("--lr", type=float, callback=bounds.positive_finite, help="Learning rate.")
 @click.option("--seed", type=int, callback=bounds.seed_range, help="Seed of the teacher trajectories (0..2**64-1).")
 @click.option("--recipe", "recipe_file", type=click.Path(), help="TOML recipe (default: the shipped one for the model).")
+@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False, exists=True), help='Block decoding: jsonl of {"prompt": TEXT}, one per teacher trajectory (cycled).')
+@click.option("--gen-length", type=int, callback=bounds.in_range(1, bounds.INDEX_LIMIT), help="Block decoding: tokens generated after each prompt.")
+@click.option("--block-length", type=int, callback=bounds.in_range(1, bounds.INDEX_LIMIT), help="Block decoding: block length  [default: --gen-length].")
+@click.option("--trust-remote-code", is_flag=True, help="Let a transformers model run the code it ships.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also copy the artifact here.")
 @click.option("--refit", is_flag=True, help="Distil again even on a cache hit.")
 @cache_dir_option
 @device_option
 @offline_option
 def distill(model_name, steps, plus, base, mode, objective, teacher_steps, samples, iters, batch, lr, seed,
-            recipe_file, out, refit, cache_dir, device, offline):
+            recipe_file, prompts_path, gen_length, block_length, trust_remote_code, out, refit, cache_dir, device, offline):
     """Distil a few-step sampler; prints the artifact path as the last line of stdout."""
     from lsdtool import cache, console, distributed, fileio
     from lsdtool.console import log
 
+    from lsdtool import api as lsd_api
+
     overrides = dict(steps=steps, plus=plus, base=base, mode=mode, objective=objective, teacher_steps=teacher_steps,
                      samples=samples, iters=iters, batch=batch, lr=lr, seed=seed)
+    overrides.update(lsd_api.block_recipe(gen_length, block_length, prompts_path, base, teacher_steps, steps))
     if out:
         fileio.check_file(out)
     launch, fit = distributed.launch_from_env(os.environ), None
@@ -260,7 +295,7 @@ def distill(model_name, steps, plus, base, mode, objective, teacher_steps, sampl
         from lsdtool.locations import cache_root
 
         fileio.check_dir(cache_root(cache_dir))  # before the fit, not after it
-        model = api.load_model(model_name, device=device, offline=offline)
+        model = api.load_model(model_name, device=device, offline=offline, trust_remote_code=trust_remote_code)
         with console.Bars() as bars:
             sampler = api.distill(model, **overrides, cache_dir=cache_dir, recipe=recipe_file, refit=refit,
                                   device=model.device, progress=bars, log=log)

@@ -64,6 +64,11 @@ def _ids(model, value, what: str) -> list[int]:
     return list(ids)
 
 
+def checked_ids(model, value, what: str) -> list[int]:
+    """Token ids of a text or id list, checked against the model's vocabulary (no mask)."""
+    return _ids(model, value, what)
+
+
 def _token_range(vocab_size: int, mask: int | None) -> str:
     """The real token ids as text: "0..31", or "0..9 and 11..15" around a mask in the middle."""
     if mask is None or mask == vocab_size - 1:

@@ -33,6 +33,21 @@ _PAPER_MEMORY = 2 << 30  # bytes of cached teacher mass the paper objective may 
 _SCORE_MEMORY = 1 << 30  # bytes of model outputs kept between evaluations of the fitting loss
 
 
+COMMIT_RULES = ("count", "confidence")  # rules that commit a number of candidates per step (Phi in temperature mode)
+
+
+def block_options(recipe: dict, student: bool = False) -> dict:
+    """The block options (:mod:`lsdtool.blocks`) of the recipe's teacher, or of its student (``student``: counts
+    follow the learned grid with LSD+, else LLaDA's even split); {} without a gen length."""
+    if not recipe.get("gen_length"):
+        return {}
+    gen = recipe["gen_length"]
+    options = {"gen_length": gen, "block_length": recipe.get("block_length") or gen}
+    if student and recipe.get("plus"):
+        options["counts"] = "noise"
+    return options
+
+
 @dataclass
 class FitResult:
     sampler: Sampler
@@ -46,7 +61,14 @@ def distill(model, recipe: dict, device=None, world=None) -> FitResult | None:
     from lsdtool.generation import pick_device
 
     recipe = recipes.complete(recipe)
+    if recipe["base"] in COMMIT_RULES and recipe["mode"] == "score":  # a score scale cancels in their softmax
+        recipe = {**recipe, "mode": "temperature"}
     dev = pick_device(device)
+    from lsdtool.grids import blocks_problem
+
+    problem = blocks_problem(block_options(recipe), recipe["steps"])
+    if problem:
+        raise LsdError(problem)
     problem = objective_problem(recipe["objective"], model)
     if problem:
         raise LsdError(f"{problem}; use objective = \"teacher-path\"")
@@ -56,7 +78,8 @@ def distill(model, recipe: dict, device=None, world=None) -> FitResult | None:
     if recipe["iters"] == 0:  # untrained: the base sampler itself (no rollout; rank 0 writes it)
         if world is not None and world.rank != 0:
             return None
-        return FitResult(Sampler.plain(recipe["steps"], recipe["base"], recipe["mode"]), {"iterations": 0, "objective": recipe["objective"]})
+        return FitResult(Sampler.plain(recipe["steps"], recipe["base"], recipe["mode"], options=block_options(recipe)),
+                         {"iterations": 0, "objective": recipe["objective"]})
     paper = recipe["objective"] == "paper"
     rollout = TeacherRollout(model, recipe, dev, collect_mass=paper and recipe["plus"], world=world)
     if world is not None and world.rank != 0:
@@ -91,12 +114,19 @@ class TeacherRollout:
         self.n_steps = recipe["teacher_steps"]
         self.n_samples = recipe["samples"]
         self.seed = recipe["seed"]
-        self.teacher = Sampler.plain(self.n_steps, base=recipe["base"])
+        self.options = block_options(recipe)
+        self.teacher = Sampler.plain(self.n_steps, base=recipe["base"], options=self.options)
+        self.teacher.check()  # the teacher's steps must divide into the blocks
+        self.conditions = None
+        if self.options:  # prompted block decoding: the prompts fix the start and set the sequence length
+            from lsdtool import prompts
+
+            self.conditions = prompts.prompted(model, self.options["gen_length"], prompts=recipe["prompts"] or None)
         k = min(recipe["candidates"], self.n_steps)
         cands = torch.unique(torch.round(torch.linspace(0, self.n_steps, k + 1, dtype=torch.float64)).long())
         # (K+1,) teacher step indices, the state at index c being the state before step c; the uniform
-        # student grid is among them, so "before" is measured on the same footing
-        self.candidates = torch.unique(torch.cat([cands, self._uniform_steps(recipe["steps"])]))
+        # student grid (and every block boundary) is among them, so "before" is measured on the same footing
+        self.candidates = torch.unique(torch.cat([cands, self._uniform_steps(recipe["steps"]), self.block_bounds()]))
         self.times = self.teacher.timesteps[self.candidates]  # (K+1,) float64
         self.graph = graph_of(model)
         self.absorbing = self.graph.absorbing
@@ -108,6 +138,22 @@ class TeacherRollout:
         else:
             self._run_distributed(world, recipe["batch"], collect_mass)
         self.final = self.states[-1]
+
+    def block_bounds(self) -> torch.Tensor:
+        """Teacher step indices where its blocks start (and the last one ends); empty without blocks."""
+        if not self.options:
+            return torch.zeros(0, dtype=torch.long)
+        n_blocks = self.options["gen_length"] // self.options["block_length"]
+        return torch.arange(n_blocks + 1) * (self.n_steps // n_blocks)
+
+    def start(self, index: torch.Tensor):
+        """(x_init, fixed) of the trajectories ``index``: the prompts (cycled over the trajectories), or (None, None)."""
+        if self.conditions is None:
+            return None, None
+        from lsdtool import conditioning
+
+        given = self.conditions.given([i % len(self.conditions) for i in index.tolist()]).to(index.device)
+        return conditioning.start(self.model, index, self.seed, given)
 
     def _uniform_steps(self, steps: int) -> torch.Tensor:
         """Teacher step indices of the plain student grid with ``steps`` steps (the nearest teacher times
@@ -131,10 +177,10 @@ class TeacherRollout:
                            "lower samples or candidates, or use objective = \"teacher-path\"")
         return torch.zeros(kk, rows, l, v, dtype=torch.float32)
 
-    def moving_scores(self, a: int, rows: slice, moving: torch.Tensor) -> torch.Tensor:
+    def moving_scores(self, a: int, rows: slice, moving: torch.Tensor, tag=None) -> torch.Tensor:
         """The model's log score (R, V) at the moving rows of candidate state a, computed once while
-        the memory budget allows (fitting evaluates the same rows many times)."""
-        key = (a, rows.start, rows.stop)
+        the memory budget allows (fitting evaluates the same rows many times); ``tag`` names a subset of them."""
+        key = (a, rows.start, rows.stop, tag)
         if key in self._scores:
             return self._scores[key]
         x = self.states[a, rows].to(self.device)
@@ -168,7 +214,7 @@ class TeacherRollout:
                 index = torch.arange(b0, min(rows.stop, b0 + batch), device=self.device)
                 local = slice(b0 - rows.start, b0 - rows.start + index.shape[0])
                 interval = 0
-                for step in iterate(model, self.teacher, index, self.seed):
+                for step in iterate(model, self.teacher, index, self.seed, *self.start(index)):
                     if step.stage != 0:  # a rule's further calls (tau-leaping's final argmax) are not teacher steps
                         del step
                         continue
@@ -276,6 +322,17 @@ def kernel_costs(rollout: TeacherRollout, recipe: dict, batch: int) -> torch.Ten
     return cost
 
 
+def blockwise_path(rollout: TeacherRollout, cost: torch.Tensor, steps: int) -> list[int]:
+    """:func:`best_path` within each block: the same number of steps per block, boundaries on the blocks'."""
+    cands = rollout.candidates.tolist()
+    bounds = [cands.index(int(c)) for c in rollout.block_bounds()]
+    per = steps // (len(bounds) - 1)
+    path = [0]
+    for lo, hi in zip(bounds, bounds[1:]):
+        path += [lo + q for q in best_path(cost[lo : hi + 1, lo : hi + 1], per)[1:]]
+    return path
+
+
 def best_path(cost: torch.Tensor, steps: int) -> list[int]:
     """Indices 0 = c_0 < ... < c_M = K minimising sum_m cost[c_m, c_{m+1}] (exact DP, O(M K^2))."""
     kk = cost.shape[0]
@@ -303,11 +360,14 @@ def interval_nll(rollout: TeacherRollout, a: int, b: int, coeff: torch.Tensor, r
     graph = rollout.graph
     x = rollout.states[a, rows].to(dev)
     moving = graph.moving(x)
+    commit = recipe["base"] in COMMIT_RULES
+    if commit:  # the commit set is taken as given: the likelihood of the tokens the teacher committed
+        moving = moving & ~graph.moving(rollout.states[b, rows].to(dev))
     total = torch.zeros((), dtype=torch.float64)
     if not moving.any():
         return total
     t, s = rollout.times[a].to(dev), rollout.times[b].to(dev)
-    ls = rollout.moving_scores(a, rows, moving)
+    ls = rollout.moving_scores(a, rows, moving, b if commit else None)
     x, target = graph.to_canonical(x[moving]), graph.to_canonical(rollout.states[b, rows].to(dev)[moving])
     kernel = steprules.rule(recipe["base"]).one_step_kernel(t, s, recipe["base"], coeff.to(dev), recipe["mode"], final)
     canon = graph.canonical_graph()
@@ -373,12 +433,13 @@ def fit_teacher_path(rollout: TeacherRollout, recipe: dict) -> FitResult:
     path = uniform
     if recipe["plus"]:
         cost = decoding_costs(rollout, batch) if rollout.absorbing else kernel_costs(rollout, recipe, batch)
-        path = best_path(cost, steps)
+        path = blockwise_path(rollout, cost, steps) if rollout.options else best_path(cost, steps)
         per = lambda p: [float(cost[p[i], p[i + 1]]) / rollout.n_samples for i in range(steps)]  # noqa: E731
         fit["schedule_loss_before"], fit["schedule_loss_after"] = per(uniform), per(path)
     coeffs, before, after = fit_coeffs(rollout, path, recipe)
     timesteps = rollout.times[path].clone() if recipe["plus"] else Sampler.plain(steps, base=recipe["base"]).timesteps
-    sampler = Sampler(timesteps, coeffs.double(), recipe["base"], recipe["mode"])
+    sampler = Sampler(timesteps, coeffs.double(), recipe["base"], recipe["mode"],
+                      options=block_options(recipe, student=True))
     if recipe["plus"]:
         # "before" is the untrained sampler (uniform grid, Phi = 1), measured by the same likelihood.
         fit["loss_schedule_only"] = before

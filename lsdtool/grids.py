@@ -38,9 +38,11 @@ def grid_problem(ts: list[float], cs: list[float], base: str, mode: str) -> str 
 
 # the options of the step rules that take any (lsdtool.adaptive): name -> allowed values (a tuple) or a check of a number
 COUNTS = ("noise", "even")  # tokens per step: following the grid's masked fraction, or split evenly (LLaDA)
+_WHOLE = lambda v: v >= 1 and float(v).is_integer()  # noqa: E731 (a count of tokens)
+BLOCKS = {"gen_length": _WHOLE, "block_length": _WHOLE, "greedy": (True, False), "cfg": lambda v: v >= 0}  # lsdtool.blocks
 OPTIONS = {
-    "count": {"counts": COUNTS},
-    "confidence": {"temperature": lambda v: v > 0, "score": ("probability", "margin"), "counts": COUNTS},
+    "count": {"counts": COUNTS, **BLOCKS},
+    "confidence": {"temperature": lambda v: v > 0, "score": ("probability", "margin"), "counts": COUNTS, **BLOCKS},
     "entropy-bound": {"temperature": lambda v: v > 0, "gamma": lambda v: v >= 0},
     "tau-leaping": {"min_t": lambda v: 0 < v < 1},
     "tau-leaping-pc": {"min_t": lambda v: 0 < v < 1, "corrector_entry": lambda v: 0 <= v <= 1,
@@ -48,8 +50,9 @@ OPTIONS = {
 }
 
 
-def options_problem(base: str, options) -> str | None:
-    """What is wrong with a step rule's options (a dict), or None."""
+def options_problem(base: str, options, steps: int | None = None) -> str | None:
+    """What is wrong with a step rule's options (a dict), or None; with ``steps``, also whether they divide into
+    the blocks."""
     if not isinstance(options, dict):
         return "options must be a mapping"
     allowed = OPTIONS.get(base, {})
@@ -62,4 +65,16 @@ def options_problem(base: str, options) -> str | None:
                 return f"option {key} must be one of {', '.join(check)}, got {value!r}"
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not check(value):
             return f"option {key} = {value!r} is out of range"
+    return blocks_problem(options, steps)
+
+
+def blocks_problem(options: dict, steps: int | None) -> str | None:
+    """What is wrong with the block options (:mod:`lsdtool.blocks`) and the number of steps, or None."""
+    gen, block = options.get("gen_length"), options.get("block_length")
+    if block is not None and gen is not None and gen % block:
+        return f"block length {block:g} does not divide gen length {gen:g}"
+    if steps is not None and gen is not None:
+        blocks = int(gen // (block or gen))
+        if steps % blocks:
+            return f"{steps} steps do not divide into {blocks} blocks (use a multiple of {blocks})"
     return None

@@ -33,7 +33,13 @@ SCHEMA: dict[str, tuple[type, object, tuple | None, str]] = {
     "zeta": (float, 0.05, None, "paper: fraction of positions perturbed by the relaxation"),
     "fill": (str, "uniform", ("teacher", "uniform"), "paper: tokens put at perturbed positions (uniform measured better)"),
     "distance": (str, "mse", ("mse",), "paper: score distance"),
+    # block decoding (lsdtool.blocks): 0 / "" = none; written to the TOML (and the cache key) only when set
+    "gen_length": (int, 0, None, "tokens generated after each prompt (0: the model's whole sequence)"),
+    "block_length": (int, 0, None, "blocks of this many tokens, left to right (0: one block)"),
+    "prompts": (str, "", None, "jsonl of {\"prompt\": TEXT}, one per teacher trajectory (cycled)"),
+    "prompts_digest": (str, "", None, "sha256 of the prompts file (set by lsd, part of the cache key)"),
 }
+OPTIONAL = ("gen_length", "block_length", "prompts", "prompts_digest")
 POSITIVE = ("steps", "teacher_steps", "samples", "batch", "candidates")
 
 # Shipped recipes: inside the installed package (copied there by the build), else the checkout's recipes/.
@@ -62,6 +68,8 @@ def validate(values: dict, source: str) -> dict:
             raise LsdError(f"{source}: recipe key {key!r} must be {typ.__name__}, got {type(value).__name__} {value!r}")
         if allowed is not None and value not in allowed:
             raise LsdError(f"{source}: recipe key {key!r} must be one of {', '.join(allowed)}, got {value!r}")
+        if key in ("gen_length", "block_length") and value < 0:
+            raise LsdError(f"{source}: recipe key {key!r} must not be negative, got {value}")
         if key in POSITIVE and value < 1:
             raise LsdError(f"{source}: recipe key {key!r} must be at least 1, got {value}")
         if key in ("lr", "zeta") and not (value > 0 and value < float("inf")):
@@ -115,7 +123,7 @@ def to_toml(values: dict) -> str:
     """Flat scalar dict -> TOML text, keys in schema order (what is hashed and stored)."""
     lines = []
     for key in SCHEMA:
-        if key not in values:
+        if key not in values or (key in OPTIONAL and values[key] == SCHEMA[key][1]):
             continue
         v = values[key]
         if isinstance(v, bool):

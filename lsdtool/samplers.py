@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from lsdtool import artifacts, rng, steprules
+from lsdtool.blocks import greedy_rows, guided, layout
 from lsdtool.diffusion import Graph, Noise, graph_of
 from lsdtool.kernels import (_CHUNK_ELEMS, Categorical, Kernel, MaskedCategorical, PoissonJumps, StayOrJump, _chunk_elems,
                              denoise_kernel, draw, masked_kernel, normalise)
@@ -135,7 +136,7 @@ class Sampler:
         if ts.ndim != 1 or cs.ndim != 1:
             raise ValueError(f"timesteps {tuple(ts.shape)} and coeffs {tuple(cs.shape)} must be vectors")
         problem = grid_problem(ts.tolist(), cs.tolist(), self.base, self.mode)
-        problem = problem or options_problem(self.base, self.options)
+        problem = problem or options_problem(self.base, self.options, self.steps)
         if problem:
             raise ValueError(problem)
 
@@ -316,6 +317,29 @@ def unmask_schedule(run: "Run", masked: torch.Tensor) -> torch.Tensor:
     return count_schedule(run.model.noise, run.timesteps, masked)
 
 
+def commit_counts(run, k: int, still: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_k (B,), open (B, L) bool): how many positions step k of the count or confidence rule commits and which
+    masked positions compete: all of them, or those of the step's block (:mod:`lsdtool.blocks`)."""
+    where = layout(run.sampler.options, still.shape[1])
+    if where is None:
+        if k == 0:
+            run.state["left"] = unmask_schedule(run, still.sum(-1))  # (B, M+1)
+        return (still.sum(-1) - run.state["left"][:, k + 1]).clamp_min(0), still
+    start, block, n_blocks = where
+    per = run.sampler.steps // n_blocks
+    b, i = divmod(k, per)
+    window = torch.zeros(still.shape[1], dtype=torch.bool, device=still.device)
+    window[start + b * block : start + (b + 1) * block] = True
+    open_ = still & window
+    if i == 0:
+        masked = open_.sum(-1)
+        if run.sampler.options.get("counts", "even") == "even":
+            run.state["left"] = even_schedule(masked, per)
+        else:
+            run.state["left"] = count_schedule(run.model.noise, run.timesteps[b * per : (b + 1) * per + 1], masked)
+    return (open_.sum(-1) - run.state["left"][:, i + 1]).clamp_min(0), open_
+
+
 def _rows_call(fn, model, log_score, x, *args, **kw):
     """``fn`` on every position's row, in the canonical layout; (B, L, V') back in the model's layout."""
     graph = graph_of(model)
@@ -462,7 +486,11 @@ class Run:
     def call(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         """The model's log score (B, L, V) at state x (B, L) and a scalar or (B,) time."""
         with torch.set_grad_enabled(self.grad):
-            return self.model.log_score(x, time.to(device=self.device, dtype=torch.float32).expand(x.shape[0]))
+            t = time.to(device=self.device, dtype=torch.float32).expand(x.shape[0])
+            cfg = float(self.sampler.options.get("cfg", 0.0))
+            if cfg > 0:  # classifier-free guidance (lsdtool.blocks): the prompt masked in a second copy
+                return guided(self.model, x, t, self.fixed, cfg)
+            return self.model.log_score(x, t)
 
     def times(self, k: int):
         """(t, s, t64, s64, final) of step k: the grid times and their float64 copies on the device."""
@@ -499,15 +527,14 @@ def count_step(run: Run, k: int, x: torch.Tensor) -> Iterator[Step]:
     """Count: move exactly the n_k masked positions that come first in the sample's random order."""
     model = run.model
     if k == 0:
-        run.state["left"] = unmask_schedule(run, run.moving_masks(x).sum(-1))  # (B, M+1)
         run.state["order"] = rng.uniforms(run.seed, rng.STREAM_ORDER, run.index, 0, x.shape[1])  # one order per sample
     t, s, t64, s64, final = run.times(k)
     log_score = run.call(x, t)
-    still = run.moving_masks(x)
-    n_k = (still.sum(-1) - run.state["left"][:, k + 1]).clamp_min(0)
+    n_k, still = commit_counts(run, k, run.moving_masks(x))  # still: the masked positions of the step's block
     rank = torch.where(still, run.state["order"], 2.0).argsort(-1).argsort(-1)
     hold = ~(still & (rank < n_k[:, None]))
-    kernel = run.step_kernel(k, t64, s64, "count", True)
+    greedy = run.sampler.options.get("greedy", False)
+    kernel = Categorical(greedy_rows) if greedy else run.step_kernel(k, t64, s64, "count", True)
     x_next = advance(model, kernel, log_score, x, (run.seed, run.index, k), hold if run.fixed is None else hold | run.fixed)
     yield Step(k, t, s, x, log_score, x_next, final)
 
@@ -546,6 +573,12 @@ def jump_intensity(graph: Graph, noise: Noise, log_score, x, t, s, coeff=1.0, mo
 def categorical_step_kernel(t, s, base, coeff, mode, final) -> Categorical:
     """One euler or tweedie step t -> s as full categorical rows (:func:`step_rows`), for its likelihood."""
     return Categorical(step_rows, (t, s, base, coeff, mode, final))
+
+
+def commit_step_kernel(t, s, base, coeff, mode, final) -> Categorical:
+    """A committed token of the count and confidence rules: drawn from softmax(Phi log s) over the real tokens
+    (the commit set taken as given), whichever rule chose where to commit."""
+    return Categorical(step_rows, (t, s, "count", coeff, mode, final))
 
 
 def jump_step_kernel(t, s, base, coeff, mode, final) -> PoissonJumps:
@@ -633,6 +666,8 @@ def iterate(model, sampler: Sampler, index: torch.Tensor, seed: int, x_init=None
         raise ValueError(problem)
     step_fn = rule.step_function()
     graph = graph_of(model)
+    if hasattr(model, "configure"):  # a model whose forward depends on the rule's options (block-causal attention)
+        model.configure(sampler.options)
     x = start_state(model, index, seed) if x_init is None else x_init.to(device)
     ts = sampler.timesteps if timesteps is None else timesteps
     coeffs = sampler.coeffs.detach().to(device=device, dtype=torch.float64)

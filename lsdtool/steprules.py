@@ -94,9 +94,9 @@ ORDINAL = ("gaussian",)
 RULES: dict[str, StepRule] = {rule.name: rule for rule in (
     StepRule("euler", "categorical", TEXT, "lsdtool.samplers:one_call_step", "lsdtool.samplers:categorical_step_kernel"),
     StepRule("tweedie", "categorical", TEXT, "lsdtool.samplers:one_call_step", "lsdtool.samplers:categorical_step_kernel"),
-    StepRule("count", "categorical", ("absorb",), "lsdtool.samplers:count_step", None),  # fixed-count random order
+    StepRule("count", "categorical", ("absorb",), "lsdtool.samplers:count_step", "lsdtool.samplers:commit_step_kernel"),  # fixed-count random order
     StepRule("theta-trapezoidal", "categorical", TEXT, "lsdtool.samplers:trapezoidal_step", None, 2),  # second order, theta = 1/2
-    StepRule("confidence", "commit-by-score", ("absorb",), "lsdtool.adaptive:confidence_step", None),  # most confident first
+    StepRule("confidence", "commit-by-score", ("absorb",), "lsdtool.adaptive:confidence_step", "lsdtool.samplers:commit_step_kernel"),  # most confident first
     StepRule("entropy-bound", "commit-by-score", ("absorb",), "lsdtool.adaptive:entropy_bound_step", None),  # <= 1 call per sample and step
     StepRule("tau-leaping", "poisson-jumps", ORDINAL, "lsdtool.samplers:tau_leaping_step", "lsdtool.samplers:jump_step_kernel", final_calls=1,
              grid="lsdtool.samplers:tau_leaping_grid"),  # tauLDR's, with its final argmax

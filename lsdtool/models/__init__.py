@@ -16,9 +16,11 @@ from lsdtool.models.own import register
 from lsdtool.models.registry import DOWNLOAD_ONLY, REGISTRY
 
 
-def load(name_or_path: str, device=None, offline: bool | None = None) -> DiffusionModel:
+def load(name_or_path: str, device=None, offline: bool | None = None, trust_remote_code: bool = False) -> DiffusionModel:
     """Load a model by short name, hub id, local directory, MODULE:FACTORY or registered name, on ``device``
-    (default CPU)."""
+    (default CPU); a transformers model that ships its own code loads only with ``trust_remote_code``."""
+    from lsdtool.models import dllm
+
     if own.is_own(name_or_path):
         model = own.build(name_or_path)
         source = own.source(name_or_path)
@@ -27,6 +29,9 @@ def load(name_or_path: str, device=None, offline: bool | None = None) -> Diffusi
 
         model = load_tauldr(name_or_path)
         source = os.path.abspath(name_or_path)
+    elif (found := dllm.find(name_or_path, offline)) is not None:  # a transformers masked diffusion LM
+        model = dllm.load(name_or_path, found, trust_remote_code=trust_remote_code, device=device)
+        source = os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
     else:
         from lsdtool.models.loading import load_located
 

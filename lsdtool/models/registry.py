@@ -7,6 +7,7 @@ from __future__ import annotations
 REGISTRY: dict[str, str | None] = {
     "countdown": None,
     "countdown-net": None,
+    "countdown-dllm": None,  # a transformers masked diffusion LM in the LLaDA layout (lsdtool.models.dllm)
     "sedd-small": "louaaron/sedd-small",
     "sedd-medium": "louaaron/sedd-medium",
     "radd-lambda-dce": "JingyangOu/radd-lambda-dce",
