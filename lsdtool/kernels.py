@@ -272,16 +272,18 @@ def poisson_counts(lam: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     lam = lam.to(torch.float64)
     big = lam > _POISSON_NORMAL
     n = torch.zeros_like(lam, dtype=torch.long)
-    p = torch.exp(-torch.where(big, 0.0, lam))
-    cdf = p.clone()
-    todo = (u >= cdf) & ~big & (lam > 0)
-    k = 0
-    while bool(todo.any()):
+    p0 = torch.exp(-torch.where(big, 0.0, lam))
+    todo = ((u >= p0) & ~big & (lam > 0)).reshape(-1).nonzero().squeeze(-1)  # the entries with at least one jump
+    flat_n = n.reshape(-1)
+    rate, goal, p = lam.reshape(-1)[todo], u.reshape(-1)[todo], p0.reshape(-1)[todo]
+    cdf, k = p.clone(), 0
+    while todo.numel():  # only the entries still below their uniform are carried to the next count
         k += 1
-        n = n + todo.long()
-        p = p * lam / k
+        flat_n[todo] += 1
+        p = p * rate / k
         cdf = cdf + p
-        todo = todo & (u >= cdf) & (p > 0)
+        more = (goal >= cdf) & ((p > cdf * 1e-17) | (k < rate))  # past the mode, terms below float64's resolution end it
+        todo, rate, goal, p, cdf = todo[more], rate[more], goal[more], p[more], cdf[more]
     approx = torch.round(lam + lam.sqrt() * torch.special.ndtri(u.clamp(1e-300, 1 - 1e-16))).clamp_min(0).long()
     return torch.where(big, approx, n)
 
