@@ -394,14 +394,14 @@ def compare(model_name, nfes, samplers, num, seed, teacher_steps, batch_size, as
     from lsdtool.locations import cache_root
 
     names = cmp.parse_samplers(samplers)
+    for target in (csv_path, plot_path):
+        if target:
+            fileio.check_file(target)
     if plot_path:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise click.ClickException("--plot needs matplotlib: pip install 'lsdtool[plot]'") from None
-    for target in (csv_path, plot_path):
-        if target:
-            fileio.check_file(target)
     if any(name.startswith("lsd") or name.startswith("jys") for name in names):
         fileio.check_dir(cache_root(cache_dir))
     dev = generation.pick_device(device)
