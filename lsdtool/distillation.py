@@ -39,10 +39,11 @@ class FitResult:
     fit: dict
 
 
-def distill(model, recipe: dict, device=None, world=None) -> FitResult | None:
+def distill(model, recipe: dict, device=None, world=None, rollouts=None) -> FitResult | None:
     """Fit a ``recipe['steps']``-step sampler for ``model``; returns the sampler and a fit report.
     Keys the recipe leaves out take their defaults. With a :class:`lsdtool.distributed.World` every
-    rank rolls out its block of the trajectories and rank 0 fits on all of them; the other ranks return None."""
+    rank rolls out its block of the trajectories and rank 0 fits on all of them; the other ranks return None.
+    ``rollouts`` (a :class:`lsdtool.rollouts.Store`) hands out teacher rollouts it already holds."""
     from lsdtool.generation import pick_device
 
     recipe = recipes.complete(recipe)
@@ -57,7 +58,7 @@ def distill(model, recipe: dict, device=None, world=None) -> FitResult | None:
             return None
         return FitResult(Sampler.plain(recipe["steps"], recipe["base"], recipe["mode"]), {"iterations": 0, "objective": recipe["objective"]})
     paper = recipe["objective"] == "paper"
-    rollout = TeacherRollout(model, recipe, dev, collect_mass=paper and recipe["plus"], world=world)
+    rollout = (rollouts or TeacherRollout)(model, recipe, dev, collect_mass=paper and recipe["plus"], world=world)
     if world is not None and world.rank != 0:
         return None
     rolled = time.time()
@@ -83,11 +84,7 @@ class TeacherRollout:
         self.n_samples = recipe["samples"]
         self.seed = recipe["seed"]
         self.teacher = Sampler.plain(self.n_steps, base=recipe["base"])
-        k = min(recipe["candidates"], self.n_steps)
-        cands = torch.unique(torch.round(torch.linspace(0, self.n_steps, k + 1, dtype=torch.float64)).long())
-        # (K+1,) teacher step indices, the state at index c being the state before step c; the uniform
-        # student grid is among them, so "before" is measured on the same footing
-        self.candidates = torch.unique(torch.cat([cands, self._uniform_steps(recipe["steps"])]))
+        self.candidates = candidate_steps(recipe)
         self.times = self.teacher.timesteps[self.candidates]  # (K+1,) float64
         self.absorbing = model.graph == "absorb"
         self._scores: dict[tuple, torch.Tensor] = {}
@@ -101,7 +98,7 @@ class TeacherRollout:
 
     def _uniform_steps(self, steps: int) -> torch.Tensor:
         """Teacher step indices of the uniform student grid with ``steps`` steps."""
-        return torch.round(torch.linspace(0, self.n_steps, steps + 1, dtype=torch.float64)).long()
+        return _uniform_steps(self.n_steps, steps)
 
     def uniform_path(self, steps: int) -> list[int]:
         """Candidate indices of the uniform student grid (it is always among the candidates)."""
@@ -194,6 +191,20 @@ class TeacherRollout:
                 setattr(self, name, whole)
 
 
+def _uniform_steps(n_steps: int, steps: int) -> torch.Tensor:
+    return torch.round(torch.linspace(0, n_steps, steps + 1, dtype=torch.float64)).long()
+
+
+def candidate_steps(recipe: dict) -> torch.Tensor:
+    """(K+1,) teacher step indices where the rollout keeps states, the state at index c being the state
+    before step c: ``candidates`` evenly spaced ones and the uniform student grid, so "before" is
+    measured on the same footing."""
+    n = recipe["teacher_steps"]
+    k = min(recipe["candidates"], n)
+    cands = torch.unique(torch.round(torch.linspace(0, n, k + 1, dtype=torch.float64)).long())
+    return torch.unique(torch.cat([cands, _uniform_steps(n, recipe["steps"])]))
+
+
 def rollout_rows(n: int, batch: int, rank: int, size: int) -> range:
     """The global trajectory indices rank ``rank`` of ``size`` rolls out: whole batches of the
     single-process run when there are at least as many batches as ranks (so every model call sees the
@@ -223,7 +234,10 @@ def _batches(n: int, size: int):
 
 def decoding_costs(rollout: TeacherRollout, batch: int) -> torch.Tensor:
     """C[a, b] (K+1, K+1) float64: summed over samples, sum over tokens revealed by the teacher in
-    candidate interval a..b-1 of log p(y | x*_reveal) - log p(y | x*_a); inf where b <= a."""
+    candidate interval a..b-1 of log p(y | x*_reveal) - log p(y | x*_a); inf where b <= a. Kept on the
+    rollout (``decoding_cost``), so fits of other step counts on the same rollout reuse it."""
+    if getattr(rollout, "decoding_cost", None) is not None:
+        return rollout.decoding_cost.clone()
     model, cands, kk = rollout.model, rollout.candidates, len(rollout.candidates)
     bins = torch.searchsorted(cands, rollout.reveal_step, right=True) - 1  # (S, L) candidate interval of each reveal
     per_bin = torch.zeros(kk, kk, dtype=torch.float64)  # [a, j]: sum over tokens revealed in bin j of lp_reveal - lp_a
@@ -244,6 +258,7 @@ def decoding_costs(rollout: TeacherRollout, batch: int) -> torch.Tensor:
     cum = per_bin.cumsum(1)  # C[a, b] = sum_{j=a}^{b-1} per_bin[a, j]
     for a in range(kk - 1):
         cost[a, a + 1 :] = cum[a, a : kk - 1]
+    rollout.decoding_cost = cost.clone()
     return cost
 
 
