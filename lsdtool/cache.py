@@ -72,7 +72,7 @@ def load_or_distill(model, overrides: dict | None = None, *, cache_dir=None, ref
         except LsdError:
             if log is not None:
                 log(f"cached artifact {path} is unreadable; distilling it again")
-    store = rollouts.Store(cache_root(cache_dir)) if world is None else None
+    store = rollouts.Store(cache_root(cache_dir) / "rollouts", _safe(model.name)) if world is None else None
     result = distillation.distill(model, effective, device=device, world=world, rollouts=store)
     if result is None:
         return None

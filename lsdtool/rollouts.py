@@ -34,13 +34,11 @@ class Store:
     """Callable in place of :class:`lsdtool.distillation.TeacherRollout`: the rollout it holds for the
     same inputs, else a fresh one (then kept)."""
 
-    def __init__(self, root: Path | None):
-        self.root = Path(root) / "rollouts" if root is not None else None
+    def __init__(self, folder: Path | None, stem: str = "model"):
+        self.folder, self.stem = (Path(folder) if folder is not None else None), stem
 
-    def path(self, model, k: str) -> Path | None:
-        from lsdtool.cache import _safe
-
-        return None if self.root is None else self.root / f"{_safe(model.name)}-rollout-{k}.safetensors"
+    def path(self, k: str) -> Path | None:
+        return None if self.folder is None else self.folder / f"{self.stem}-rollout-{k}.safetensors"
 
     def __call__(self, model, recipe: dict, device, collect_mass: bool = False, world=None):
         from lsdtool.distillation import TeacherRollout, candidate_steps
@@ -51,7 +49,7 @@ class Store:
         rollout = _memory.get(k)
         if rollout is not None and rollout.model is model:
             return rollout
-        path = self.path(model, k)
+        path = self.path(k)
         rollout = _read(path, model, recipe, device) if path is not None else None
         if rollout is None:
             rollout = TeacherRollout(model, recipe, device)
