@@ -21,7 +21,7 @@ from pathlib import Path
 
 MAX_BYTES = 256 << 20  # rollouts larger than this are kept in memory only
 _KEYS = ("base", "teacher_steps", "samples", "seed", "batch")
-_memory: dict[str, object] = {}  # key -> the last TeacherRollout (one entry: a rollout can be large)
+_memory: dict[str, object] = {}  # "<folder>:<key>" -> the last TeacherRollout (one entry: a rollout can be large)
 
 
 def key(model, recipe: dict, candidates) -> str:
@@ -46,7 +46,8 @@ class Store:
         if collect_mass or world is not None:
             return TeacherRollout(model, recipe, device, collect_mass=collect_mass, world=world)
         k = key(model, recipe, candidate_steps(recipe))
-        rollout = _memory.get(k)
+        slot = f"{self.folder}:{k}"  # memory fronts one cache: another cache directory starts afresh
+        rollout = _memory.get(slot)
         if rollout is not None and rollout.model is model:
             return rollout
         path = self.path(k)
@@ -54,7 +55,7 @@ class Store:
         if rollout is None:
             rollout = TeacherRollout(model, recipe, device)
         _memory.clear()
-        _memory[k] = rollout
+        _memory[slot] = rollout
         rollout.store = (self, path)
         return rollout
 
