@@ -89,8 +89,6 @@ def entries(root: Path) -> list[dict]:
     any more (an interrupted write: :func:`prune` removes those)."""
     rows = []
     for path in sorted(root.rglob("*.safetensors")) if root.exists() else []:
-        if path.relative_to(root).parts[0] == "rollouts":  # teacher rollouts kept for fits, not samplers
-            continue
         try:
             meta, _, cs = artifacts.read(path)
             rows.append({"path": str(path), "model": meta.get("model", ""), "steps": len(cs),

@@ -7,7 +7,7 @@ step count itself (beyond the candidates its uniform grid adds) or the fitting k
 ``lsd compare`` after ``lsd distill`` reuses the rollout the distillation made.
 
 A :class:`Store` holds the last rollout in memory and, for rollouts of at most ``MAX_BYTES``, keeps
-it under ``<cache>/rollouts/`` as a safetensors file (states, reveal steps, reveal log-probabilities
+it under ``<cache>/rollouts/`` as a ``.rollout`` file in safetensors format (states, reveal steps, reveal log-probabilities
 and the decoding-cost matrix) written through :mod:`lsdtool.fileio`. The restored rollout holds
 the same tensors as a fresh one, so the fitted artifact is the same bit for bit (a test checks this).
 The paper objective's teacher-mass buffer and distributed rollouts are never kept.
@@ -38,7 +38,8 @@ class Store:
         self.folder, self.stem = (Path(folder) if folder is not None else None), stem
 
     def path(self, k: str) -> Path | None:
-        return None if self.folder is None else self.folder / f"{self.stem}-rollout-{k}.safetensors"
+        # not *.safetensors: the cache's samplers are those, and a rollout is none
+        return None if self.folder is None else self.folder / f"{self.stem}-{k}.rollout"
 
     def __call__(self, model, recipe: dict, device, collect_mass: bool = False, world=None):
         from lsdtool.distillation import TeacherRollout, candidate_steps

@@ -24,7 +24,7 @@ def test_reused_rollouts_give_the_artifacts_of_fresh_ones(countdown, tmp_path, m
     a4 = _fit(countdown, shared, steps=4, plus=True)  # from memory, decoding costs included
     rollouts.forget()
     b4 = _fit(countdown, shared, steps=4, plus=False)  # from the file under <cache>/rollouts/
-    assert len(calls) == 1 and len(list((shared / "rollouts").glob("*.safetensors"))) == 1
+    assert len(calls) == 1 and len(list((shared / "rollouts").glob("*.rollout"))) == 1
     for sampler, keys in ((a8, dict(steps=8, plus=True)), (a4, dict(steps=4, plus=True)), (b4, dict(steps=4, plus=False))):
         rollouts.forget()
         fresh = _fit(countdown, tmp_path / f"fresh-{keys['steps']}-{keys['plus']}", **keys)
@@ -37,4 +37,4 @@ def test_another_teacher_is_rolled_out_again(countdown, tmp_path):
     rollouts.forget()
     _fit(countdown, tmp_path, steps=4, plus=True)
     other = _fit(countdown, tmp_path, steps=4, plus=True, seed=1)
-    assert isinstance(other, Sampler) and len(list((tmp_path / "rollouts").glob("*.safetensors"))) == 2
+    assert isinstance(other, Sampler) and len(list((tmp_path / "rollouts").glob("*.rollout"))) == 2
