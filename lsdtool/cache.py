@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from lsdtool import artifacts, fileio, recipes
+from lsdtool import artifacts, fileio, recipes, rollouts
 from lsdtool.errors import LsdError
 from lsdtool.locations import cache_root
 
@@ -79,9 +79,12 @@ def load_or_distill(model, overrides: dict | None = None, *, cache_dir=None, ref
         except LsdError:
             if log is not None:
                 log(f"cached artifact {path} is unreadable; distilling it again")
-    result = distillation.distill(model, effective, device=device, world=world)
+    store = rollouts.Store(cache_root(cache_dir) / "rollouts", _safe(model.name)) if world is None else None
+    result = distillation.distill(model, effective, device=device, world=world, rollouts=store)
     if result is None:
         return None
+    if store is not None:
+        rollouts.save_last()
     artifacts.save(path, result.sampler, artifacts.metadata(model, result.sampler, effective, recipes.to_toml(effective),
                                                             result.fit))
     return Sampler.load(path)

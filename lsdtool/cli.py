@@ -382,15 +382,24 @@ def cache_list(cache_dir, as_json):
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("model", "sampler", "steps", "objective", "mode", "created", "path")
+    columns = ("model", "sampler", "steps", "objective", "mode", "created", "path")
+    cells = []
     for r in rows:
         if r.get("temp"):
-            table.add_row("?", "stale temp file" if r["stale"] else "being written", "", "", "", "", r["path"])
+            cells.append(("?", "stale temp file" if r["stale"] else "being written", "", "", "", "", r["path"]))
         elif "error" in r:
-            table.add_row("?", "unreadable", "", "", "", "", r["path"])
+            cells.append(("?", "unreadable", "", "", "", "", r["path"]))
         else:
-            table.add_row(r["model"], "lsd+" if r["plus"] else "lsd", str(r["steps"]), r["objective"], r["mode"], r["created"], r["path"])
-    Console().print(table)
+            cells.append((r["model"], "lsd+" if r["plus"] else "lsd", str(r["steps"]), r["objective"], r["mode"], r["created"], r["path"]))
+    console = Console()
+    if not console.is_terminal:  # a pipe or file: tab-separated lines with whole paths, never cut to the width
+        for line in [columns, *cells]:
+            click.echo("\t".join(line))
+        return
+    table = Table(*columns)
+    for line in cells:
+        table.add_row(*line)
+    console.print(table)
 
 
 @cache_group.command("rm")

@@ -54,10 +54,11 @@ class FitResult:
     fit: dict
 
 
-def distill(model, recipe: dict, device=None, world=None) -> FitResult | None:
+def distill(model, recipe: dict, device=None, world=None, rollouts=None) -> FitResult | None:
     """Fit a ``recipe['steps']``-step sampler for ``model``; returns the sampler and a fit report.
     Keys the recipe leaves out take their defaults. With a :class:`lsdtool.distributed.World` every
-    rank rolls out its block of the trajectories and rank 0 fits on all of them; the other ranks return None."""
+    rank rolls out its block of the trajectories and rank 0 fits on all of them; the other ranks return None.
+    ``rollouts`` (a :class:`lsdtool.rollouts.Store`) hands out teacher rollouts it already holds."""
     from lsdtool.generation import pick_device
 
     recipe = recipes.complete(recipe)
@@ -81,7 +82,7 @@ def distill(model, recipe: dict, device=None, world=None) -> FitResult | None:
         return FitResult(Sampler.plain(recipe["steps"], recipe["base"], recipe["mode"], options=block_options(recipe)),
                          {"iterations": 0, "objective": recipe["objective"]})
     paper = recipe["objective"] == "paper"
-    rollout = TeacherRollout(model, recipe, dev, collect_mass=paper and recipe["plus"], world=world)
+    rollout = (rollouts or TeacherRollout)(model, recipe, dev, collect_mass=paper and recipe["plus"], world=world)
     if world is not None and world.rank != 0:
         return None
     rolled = time.time()
@@ -122,11 +123,8 @@ class TeacherRollout:
             from lsdtool import prompts
 
             self.conditions = prompts.prompted(model, self.options["gen_length"], prompts=recipe["prompts"] or None)
-        k = min(recipe["candidates"], self.n_steps)
-        cands = torch.unique(torch.round(torch.linspace(0, self.n_steps, k + 1, dtype=torch.float64)).long())
-        # (K+1,) teacher step indices, the state at index c being the state before step c; the uniform
-        # student grid (and every block boundary) is among them, so "before" is measured on the same footing
-        self.candidates = torch.unique(torch.cat([cands, self._uniform_steps(recipe["steps"]), self.block_bounds()]))
+        # every block boundary is a candidate too, so "before" is measured on the same footing
+        self.candidates = torch.unique(torch.cat([candidate_steps(recipe), self.block_bounds()]))
         self.times = self.teacher.timesteps[self.candidates]  # (K+1,) float64
         self.graph = graph_of(model)
         self.absorbing = self.graph.absorbing
@@ -156,12 +154,8 @@ class TeacherRollout:
         return conditioning.start(self.model, index, self.seed, given)
 
     def _uniform_steps(self, steps: int) -> torch.Tensor:
-        """Teacher step indices of the plain student grid with ``steps`` steps (the nearest teacher times
-        where the rule has a grid of its own)."""
-        if steprules.rule(self.teacher.base).grid is None:
-            return torch.round(torch.linspace(0, self.n_steps, steps + 1, dtype=torch.float64)).long()
-        student = Sampler.plain(steps, base=self.teacher.base).timesteps
-        return (self.teacher.timesteps[:, None] - student[None, :]).abs().argmin(0)
+        """Teacher step indices of the plain student grid with ``steps`` steps."""
+        return _uniform_steps(self.n_steps, steps, self.teacher.base)
 
     def uniform_path(self, steps: int) -> list[int]:
         """Candidate indices of the uniform student grid (it is always among the candidates)."""
@@ -257,6 +251,25 @@ class TeacherRollout:
                 setattr(self, name, whole)
 
 
+def _uniform_steps(n_steps: int, steps: int, base: str = "euler") -> torch.Tensor:
+    """Teacher step indices of the plain student grid with ``steps`` steps on the ``n_steps`` teacher grid (the
+    nearest teacher times where the rule has a grid of its own)."""
+    if steprules.rule(base).grid is None:
+        return torch.round(torch.linspace(0, n_steps, steps + 1, dtype=torch.float64)).long()
+    teacher, student = Sampler.plain(n_steps, base=base).timesteps, Sampler.plain(steps, base=base).timesteps
+    return (teacher[:, None] - student[None, :]).abs().argmin(0)
+
+
+def candidate_steps(recipe: dict) -> torch.Tensor:
+    """(K+1,) teacher step indices where the rollout keeps states, the state at index c being the state
+    before step c: ``candidates`` evenly spaced ones and the uniform student grid, so "before" is
+    measured on the same footing."""
+    n = recipe["teacher_steps"]
+    k = min(recipe["candidates"], n)
+    cands = torch.unique(torch.round(torch.linspace(0, n, k + 1, dtype=torch.float64)).long())
+    return torch.unique(torch.cat([cands, _uniform_steps(n, recipe["steps"], recipe["base"])]))
+
+
 def rollout_rows(n: int, batch: int, rank: int, size: int) -> range:
     """The global trajectory indices rank ``rank`` of ``size`` rolls out: whole batches of the
     single-process run when there are at least as many batches as ranks (so every model call sees the
@@ -286,7 +299,10 @@ def _batches(n: int, size: int):
 
 def decoding_costs(rollout: TeacherRollout, batch: int) -> torch.Tensor:
     """C[a, b] (K+1, K+1) float64: summed over samples, sum over tokens revealed by the teacher in
-    candidate interval a..b-1 of log p(y | x*_reveal) - log p(y | x*_a); inf where b <= a."""
+    candidate interval a..b-1 of log p(y | x*_reveal) - log p(y | x*_a); inf where b <= a. Kept on the
+    rollout (``decoding_cost``), so fits of other step counts on the same rollout reuse it."""
+    if getattr(rollout, "decoding_cost", None) is not None:
+        return rollout.decoding_cost.clone()
     model, cands, kk = rollout.model, rollout.candidates, len(rollout.candidates)
     bins = torch.searchsorted(cands, rollout.reveal_step, right=True) - 1  # (S, L) candidate interval of each reveal
     per_bin = torch.zeros(kk, kk, dtype=torch.float64)  # [a, j]: sum over tokens revealed in bin j of lp_reveal - lp_a
@@ -307,6 +323,7 @@ def decoding_costs(rollout: TeacherRollout, batch: int) -> torch.Tensor:
     cum = per_bin.cumsum(1)  # C[a, b] = sum_{j=a}^{b-1} per_bin[a, j]
     for a in range(kk - 1):
         cost[a, a + 1 :] = cum[a, a : kk - 1]
+    rollout.decoding_cost = cost.clone()
     return cost
 
 

@@ -212,13 +212,19 @@ def check_dir(path: str | os.PathLike, target: str | os.PathLike | None = None) 
 
 def check_file(path: str | os.PathLike, append: bool = False) -> None:
     """Raise an OSError naming ``path`` unless a file can be written there now (replaced atomically,
-    or appended to when ``append``)."""
+    or appended to when ``append``); an LsdError when its directory does not exist. Output files are
+    never given directories of their own making (as with curl -o, wget -O, a shell redirection or
+    torch.save): a missing directory is far more often a typo than a request."""
     path = Path(path)
     if path.is_dir():
         raise _error(errno.EISDIR, path)
     if _special(path):  # written in place: nothing is created beside it
         return
-    check_dir(Path(os.path.realpath(path)).parent, path)
+    parent = Path(os.path.realpath(path)).parent
+    if not parent.exists():
+        shown = Path(path).parent
+        raise LsdError(f"cannot write {path}: the directory {shown} does not exist (create it first: mkdir -p {shown})")
+    check_dir(parent, path)
     if append and path.exists():
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_APPEND))

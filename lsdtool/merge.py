@@ -193,6 +193,8 @@ def plan(paths: list[str], read=lambda path: scan(path)[0]) -> list[tuple[str, R
 
 def merge(paths: list[str], output: str | None) -> int:
     """Write the records of ``paths`` in index order to ``output`` (atomically) or stdout; returns n."""
+    if output:
+        fileio.check_file(output)  # before reading any input: a missing directory is refused, not created
     order = plan(paths)
     with fileio.atomic_write(output, "wb") if output else contextlib.nullcontext(sys.stdout.buffer) as out:
         current, f = None, None

@@ -117,8 +117,17 @@ class Sampler:
 
     @property
     def fit(self) -> dict:
-        """The fit report of a distilled sampler (losses, time, device), {} for others."""
+        """The fit report of a distilled sampler (losses, time, device), {} for others; kept once, as the
+        artifact's JSON ``meta["fit"]``, and parsed on each access."""
         return json.loads(self.meta.get("fit") or "{}")
+
+    def __repr__(self) -> str:
+        """One line: kind, base rule, steps, NFE, model and path (the metadata stays in ``.meta``)."""
+        kind = ("lsd+" if self.meta.get("plus") == "true" else "lsd") if self.meta.get("fit") else "plain"
+        parts = [kind, self.base + ("" if self.mode == "score" else f":{self.mode}"), f"steps={self.steps}", f"nfe={self.nfe}"]
+        parts += [f"model={self.meta['model']}"] if self.meta.get("model") else []
+        parts += [f"path={str(self.path)!r}"] if self.path is not None else []
+        return f"Sampler({', '.join(parts)})"
 
     @property
     def steps(self) -> int:

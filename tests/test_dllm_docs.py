@@ -13,7 +13,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "diffusion-llms.md"
 def test_the_countdown_dllm_example_runs_as_written():
     text = DOC.read_text()
     section = text.split("## countdown-dllm", 1)[1]
-    command = re.search(r"```sh\n(lsd [^\n]+)\n```", section).group(1)
+    command = re.search(r"```bash\n(lsd [^\n]+)\n```", section).group(1)
     args = shlex.split(command)[1:]
     r = run_cli(*args)
     assert r.exit_code == 0, r.output

@@ -35,7 +35,7 @@ def doc_example() -> str:
 
 def doc_commands() -> list[list[str]]:
     """The `lsd ...` lines of the first sh block, as argument lists (comments dropped)."""
-    block = re.search(r"```sh\n(.*?)```", DOC.read_text(), re.S).group(1)
+    block = re.search(r"```bash\n(.*?)```", DOC.read_text(), re.S).group(1)
     return [line.split("#")[0].split()[1:] for line in block.splitlines() if line.startswith("lsd ")]
 
 

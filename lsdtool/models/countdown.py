@@ -96,10 +96,12 @@ class ChainPosterior:
         nxt = torch.where(observed, pos, l).flip(-1).cummin(-1).values.flip(-1)
         prev_tok = torch.where(prev >= 0, x.gather(1, prev.clamp_min(0)), n)
         next_tok = torch.where(nxt < l, x.gather(1, nxt.clamp_max(l - 1)), n)
-        alpha = self.forward_table[torch.where(prev >= 0, pos - prev, pos), prev_tok]
-        beta = self.backward_table[torch.where(nxt < l, nxt - pos, 0), next_tok]
-        post = alpha * beta
-        return post / post.sum(-1, keepdim=True)
+        # one flat row index per (distance, token) into each table: index_select is a plain row copy
+        rows = (torch.where(prev >= 0, pos - prev, pos) * (n + 1) + prev_tok).reshape(-1)
+        post = self.forward_table.reshape(-1, n).index_select(0, rows)
+        rows = (torch.where(nxt < l, nxt - pos, 0) * (n + 1) + next_tok).reshape(-1)
+        post.mul_(self.backward_table.reshape(-1, n).index_select(0, rows))  # alpha * beta
+        return post.div_(post.sum(-1, keepdim=True)).reshape(b, l, n)
 
 
 class CountdownModel(DiffusionModel):
@@ -135,15 +137,16 @@ class CountdownModel(DiffusionModel):
 
     def log_probs(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x0 | unmasked) (B, L, 32) float64."""
-        return torch.log(self.posterior(x).clamp_min(1e-300))
+        return torch.log(self.posterior(x).clamp_min_(1e-300))
 
     def log_score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """log p(y | unmasked) - log expm1(sigma_bar(t)): (B, L, V) float64, 0 at the current token."""
         sigma = self.noise.total(t.to(torch.float64))
-        logp = self.log_probs(x)
-        out = torch.cat([logp, torch.full_like(logp[..., :1], -700.0)], -1)
-        out = out - torch.log(torch.expm1(sigma))[:, None, None]
-        return out.scatter(-1, x[..., None], 0.0)
+        out = torch.empty(*x.shape, self.vocab_size, dtype=torch.float64, device=x.device)
+        torch.log(self.posterior(x).clamp_min_(1e-300), out=out[..., :-1])  # written in place: no cat copy
+        out[..., -1] = -700.0
+        out.sub_(torch.log(torch.expm1(sigma))[:, None, None])
+        return out.scatter_(-1, x[..., None], 0.0)
 
 
 def build(config: dict, found) -> CountdownModel:
