@@ -78,3 +78,28 @@ def test_distillation_fits_a_valid_tau_leaping_sampler(model, plus, size):
 def test_text_rules_refuse_an_ordinal_model_and_back(model):
     with pytest.raises(ValueError, match="needs an absorbing or a uniform model|needs an absorbing or uniform model"):
         sample(model, Sampler.plain(2), torch.arange(1), 0)
+
+
+def test_the_command_line_distils_samples_pngs_and_compares_a_tauldr_folder(tmp_path):
+    from PIL import Image
+
+    from conftest import run_cli
+
+    cache = tmp_path / "cache"
+    recipe = tmp_path / "small.toml"
+    recipe.write_text("candidates = 4\n")
+    small = ["--teacher-steps", "4", "--samples", "1", "--batch", "1", "--iters", "1", "--recipe", recipe]
+    r = run_cli("distill", "--model", FIX, "--steps", "2", "--plus", "--base", "tau-leaping", *small, "--cache-dir", cache)
+    assert r.exit_code == 0, r.output
+    art = r.stdout.strip()
+    grid = tmp_path / "grid.png"
+    r = run_cli("sample", "--sampler", art, "-n", "2", "--format", "png", "-o", grid)
+    assert r.exit_code == 0, r.output
+    img = Image.open(grid)
+    assert img.mode == "RGB" and img.size[0] >= 8 and img.size[1] >= 8
+    metric = Path(__file__).parent / "image_model.py"
+    r = run_cli("compare", "--model", FIX, "--steps", "3", "--samplers", "tau-leaping", "-n", "2", "--no-teacher",
+                "--metric", f"{metric}:mean_level", "--json", "--cache-dir", cache)
+    assert r.exit_code == 0, r.output
+    r = run_cli("distill", "--model", FIX, "--steps", "2", *small, "--cache-dir", cache)  # the default euler base
+    assert r.exit_code == 1 and "needs an absorbing or uniform model" in r.stderr and r.stdout == ""
