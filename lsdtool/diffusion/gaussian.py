@@ -170,7 +170,10 @@ class Gaussian(Graph):
         """Concrete score s_y = sum_x0 p(x0|x) q(y|x0) / (q(x|x0) + eps): p0 (B, D, S), x (B, D), t (B,) -> (B, D, S)
         in p0's dtype; differentiable in t and p0."""
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        q = self.transition(t).to(p0.dtype)  # (B, S, S): [x0, y]
+        if x.device.type == "cpu" and bool((t == t[:1]).all()):  # one time for the batch (a sampler step): one q
+            q = self.transition(t[:1]).to(p0.dtype).expand(x.shape[0], -1, -1)
+        else:
+            q = self.transition(t).to(p0.dtype)  # (B, S, S): [x0, y]
         denom = q.transpose(1, 2)[torch.arange(x.shape[0], device=x.device)[:, None], x]  # (B, D, S): q(x | x0)
         return (p0 / (denom + eps)) @ q
 
