@@ -48,14 +48,20 @@ def load_located(name_or_path: str, offline: bool | None = None) -> DiffusionMod
     return builder(found.family)(found.config, found)
 
 
-def load_checkpoint(cls: type[PretrainedModel], config: dict, found: Located) -> PretrainedModel:
-    """A SEDD, RADD or MDLM adapter ``cls`` for ``config`` with the weights of ``found`` (frozen, on CPU)."""
-    with torch.device("meta"):  # parameters are assigned from the checkpoint, never initialised
+def construct(cls, config: dict, found: Located, label: str):
+    """``cls(config, name=..., fingerprint=...)`` on the meta device (the parameters are assigned from the
+    checkpoint, never initialised); a config the adapter cannot read is one line naming the file."""
+    with torch.device("meta"):
         try:
-            model = cls(config, name=found.name, fingerprint=found.fingerprint)
+            return cls(config, name=found.name, fingerprint=found.fingerprint)
         except (KeyError, TypeError, ValueError) as e:
             why = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) else first_line(e)
-            raise LsdError(f"{found.config_path} is not a valid {cls.family.upper()} config: {why}") from None
+            raise LsdError(f"{found.config_path} is not a valid {label} config: {why}") from None
+
+
+def load_checkpoint(cls: type[PretrainedModel], config: dict, found: Located) -> PretrainedModel:
+    """A SEDD, RADD or MDLM adapter ``cls`` for ``config`` with the weights of ``found`` (frozen, on CPU)."""
+    model = construct(cls, config, found, cls.family.upper())
     state = read_weights(found.weight_path)
     prefix = cls.weight_prefix
     state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}

@@ -19,6 +19,7 @@ from lsdtool.diffusion.gaussian import Gaussian, TimeChange
 from lsdtool.errors import LsdError
 from lsdtool.models.base import DiffusionModel
 from lsdtool.models.ddit import NEVER, freeze, load_weights
+from lsdtool.models.loading import construct
 from lsdtool.models.locate import first_line, locate_tauldr
 from lsdtool.models.unet import UNet
 
@@ -193,12 +194,7 @@ def build(config, found, ema: bool = True) -> TauLDR:
     config = read_yaml_config(found.config_path)
     ckpt = read_checkpoint(found.weight_path)
     state = ema_state(ckpt, found.weight_path) if ema else raw_state(ckpt)
-    with torch.device("meta"):  # parameters are assigned from the checkpoint, never initialised
-        try:
-            model = TauLDR(config, name=found.name, fingerprint=found.fingerprint)
-        except (KeyError, TypeError, ValueError) as e:
-            why = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) else first_line(e)
-            raise LsdError(f"{found.config_path} is not a valid tauLDR config: {why}") from None
+    model = construct(TauLDR, config, found, "tauLDR")
     load_weights(model.net, state, f"{found.weight_path} (for the config {found.config_path.name})")
     freeze(model.net)
     return model
