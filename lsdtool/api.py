@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from lsdtool import conditioning, console, recipes
+from lsdtool import conditioning, console, recipes, steprules
 from lsdtool.errors import LsdError
 from lsdtool.samplers import Sampler
 
@@ -50,7 +50,7 @@ def distill(model, steps: int | None = None, plus: bool | None = None, *, cache:
                                                   recipe_file=recipe_file, recipe=recipe_dict, log=log)
         if recipe_dict is not None:
             overrides = {**recipe_dict, **{k: v for k, v in overrides.items() if v is not None}}
-        effective = recipes.effective(model.name, recipe_file, overrides)
+        effective = recipes.effective(model.name, recipe_file, overrides, graph=steprules.graph_name(model))
         result = distillation.distill(model, effective, device=dev)
     sampler = result.sampler
     sampler.meta = artifacts.metadata(model, sampler, effective, recipes.to_toml(effective), result.fit)

@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from lsdtool import artifacts, fileio, recipes, rollouts
+from lsdtool import artifacts, fileio, recipes, rollouts, steprules
 from lsdtool.errors import LsdError
 from lsdtool.locations import cache_root
 
@@ -68,7 +68,7 @@ def load_or_distill(model, overrides: dict | None = None, *, cache_dir=None, ref
 
     if recipe is not None:
         overrides = {**recipes.validate(recipe, "recipe"), **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    effective = recipes.effective(model.name, recipe_file, overrides)
+    effective = recipes.effective(model.name, recipe_file, overrides, graph=steprules.graph_name(model))
     path = artifact_path(model.name, model.fingerprint, effective, cache_root(cache_dir))
     if path.exists() and not refit:
         try:

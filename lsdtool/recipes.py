@@ -104,15 +104,21 @@ def shipped(model_name: str, steps: int | None) -> Path | None:
     return None
 
 
-def effective(model_name: str, recipe_file: str | None = None, overrides: dict | None = None) -> dict:
-    """defaults <- shipped recipe (or --recipe FILE) <- CLI flags; ``None`` overrides are ignored."""
+def effective(model_name: str, recipe_file: str | None = None, overrides: dict | None = None,
+              graph: str | None = None) -> dict:
+    """defaults <- shipped recipe (or --recipe FILE) <- CLI flags; ``None`` overrides are ignored. With the
+    model's ``graph`` name, a base left at its default that cannot run on that graph becomes the first
+    distillable rule that can (``tau-leaping`` for an ordinal image model)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     overrides = validate(overrides, "command line")
     values = defaults()
     path = Path(recipe_file) if recipe_file else shipped(model_name, overrides.get("steps"))
-    if path is not None:
-        values.update(read(path))
+    chosen = dict(read(path)) if path is not None else {}
+    values.update(chosen)
     values.update(overrides)
+    if graph is not None and "base" not in chosen and "base" not in overrides \
+            and not steprules.rule(values["base"]).supports_graph(graph):
+        values["base"] = next((n for n in steprules.DISTILLABLE if steprules.rule(n).supports_graph(graph)), values["base"])
     values["model"] = model_name
     if values["teacher_steps"] < values["steps"]:
         raise LsdError(f"teacher_steps ({values['teacher_steps']}) must be at least steps ({values['steps']})")

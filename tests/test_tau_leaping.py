@@ -101,5 +101,8 @@ def test_the_command_line_distils_samples_pngs_and_compares_a_tauldr_folder(tmp_
     r = run_cli("compare", "--model", FIX, "--steps", "3", "--samplers", "tau-leaping", "-n", "2", "--no-teacher",
                 "--metric", f"{metric}:mean_level", "--json", "--cache-dir", cache)
     assert r.exit_code == 0, r.output
-    r = run_cli("distill", "--model", FIX, "--steps", "2", *small, "--cache-dir", cache)  # the default euler base
+    r = run_cli("distill", "--model", FIX, "--steps", "2", *small, "--cache-dir", cache)  # no base named: tau-leaping
+    assert r.exit_code == 0, r.output
+    assert Sampler.load(r.stdout.strip()).base == "tau-leaping"
+    r = run_cli("distill", "--model", FIX, "--steps", "2", "--base", "euler", *small, "--cache-dir", cache)
     assert r.exit_code == 1 and "needs an absorbing or uniform model" in r.stderr and r.stdout == ""
