@@ -33,9 +33,6 @@ _PAPER_MEMORY = 2 << 30  # bytes of cached teacher mass the paper objective may 
 _SCORE_MEMORY = 1 << 30  # bytes of model outputs kept between evaluations of the fitting loss
 
 
-COMMIT_RULES = ("count", "confidence")  # rules that commit a number of candidates per step (Phi in temperature mode)
-
-
 def block_options(recipe: dict, student: bool = False) -> dict:
     """The block options (:mod:`lsdtool.blocks`) of the recipe's teacher, or of its student (``student``: counts
     follow the learned grid with LSD+, else LLaDA's even split); {} without a gen length."""
@@ -62,7 +59,7 @@ def distill(model, recipe: dict, device=None, world=None, rollouts=None) -> FitR
     from lsdtool.generation import pick_device
 
     recipe = recipes.complete(recipe)
-    if recipe["base"] in COMMIT_RULES and recipe["mode"] == "score":  # a score scale cancels in their softmax
+    if steprules.rule(recipe["base"]).commits and recipe["mode"] == "score":  # a score scale cancels in their softmax
         recipe = {**recipe, "mode": "temperature"}
     dev = pick_device(device)
     from lsdtool.grids import blocks_problem
@@ -377,7 +374,7 @@ def interval_nll(rollout: TeacherRollout, a: int, b: int, coeff: torch.Tensor, r
     graph = rollout.graph
     x = rollout.states[a, rows].to(dev)
     moving = graph.moving(x)
-    commit = recipe["base"] in COMMIT_RULES
+    commit = steprules.rule(recipe["base"]).commits
     if commit:  # the commit set is taken as given: the likelihood of the tokens the teacher committed
         moving = moving & ~graph.moving(rollout.states[b, rows].to(dev))
     total = torch.zeros((), dtype=torch.float64)

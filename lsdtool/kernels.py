@@ -340,13 +340,11 @@ class _PoissonEnd(torch.autograd.Function):
         block = max(1, _FFT_ELEMS // (size * 4))
         logp, grad = lam.new_zeros(r), lam.new_zeros(r, s)
         levels = torch.arange(s, device=x.device)
+        lowest = -(size - span - 1)  # the most negative displacement of the grid (FFT order: 0..span, then negatives)
         for i in range(0, r, block):
             j = slice(i, i + block)
             law = _displacement_law(lam[j], x[j], span, size)
-            order = torch.argsort(torch.where(torch.arange(size, device=x.device) <= span,
-                                              torch.arange(size, device=x.device), torch.arange(size, device=x.device) - size))
-            cum = law[:, order].cumsum(-1)  # P(D <= lowest + i)
-            lowest = -(size - span - 1)
+            cum = law.roll(-(span + 1), -1).cumsum(-1)  # ascending displacement: P(D <= lowest + i)
 
             def p_end(shift):  # P(clamp(x + D + shift) = y) for shifts (n, k): the displacement d = y - x - shift
                 need = (y[j, None] - x[j, None] - shift)  # interior: D = need

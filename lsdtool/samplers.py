@@ -183,7 +183,7 @@ def _masked_rows(noise: Noise, log_score, t, s, base, coeff, mode, final):
 def stay_or_jump_kernel(graph: Graph, noise: Noise, t, s, base, coeff, mode, final) -> StayOrJump | None:
     """The fast-decision kernel of an euler step on a graph whose reverse rates out of x are one constant
     times the score (``graph.constant_rate``, uniform: 1/N), or None where it does not apply."""
-    rate = getattr(graph, "constant_rate", None)
+    rate = graph.constant_rate
     coeff, t, s = (torch.as_tensor(v, dtype=torch.float64) for v in (coeff, t, s))
     if rate is None or base != "euler" or mode not in ("score", "temperature") or \
             max(coeff.numel(), t.numel(), s.numel()) != 1:
@@ -415,15 +415,21 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
     if idx.numel() == 0:
         return x_flat.reshape(x.shape)
     seed, index, step = draws[:3]
-    stream = draws[3] if len(draws) > 3 else rng.STREAM_STEP
+    stream = draws[3] if len(draws) > 3 else rng.STREAM_JUMPS if isinstance(kernel, PoissonJumps) else rng.STREAM_STEP
     v, l = log_score.shape[-1], x.shape[1]
     ls_flat = log_score.reshape(-1, v)
+
+    def uniforms(rows, within=None):  # row (i, j)'s uniform, or one per (i, j, level) for ``within`` levels
+        if within is None:
+            return rng.uniforms_at(seed, stream, index[rows // l], step, rows % l)
+        return rng.uniforms_at(seed, stream, index[rows // l][:, None], step, (rows % l)[:, None] * within.numel() + within)
+
     if isinstance(kernel, MaskedCategorical):  # moving rows are masked rows: decide from row totals, build rows only where they move
         real = ls_flat.detach()[:, :-1] if graph.canonical else None
         chunk = max(1, _chunk_elems(x.device) // v)
         for start in range(0, idx.numel(), chunk):
             rows = idx[start : start + chunk]
-            u = rng.uniforms_at(seed, stream, index[rows // l], step, rows % l)
+            u = uniforms(rows)
             if real is not None:
                 x_flat[rows] = kernel.draw(real, rows, u)
             else:  # the real columns of these rows only, gathered in order
@@ -437,16 +443,14 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
         for start in range(0, idx.numel(), chunk):
             rows = idx[start : start + chunk]
             lam = kernel.intensity(graph, model.noise, ls_flat[rows].detach(), x_flat[rows])
-            u = rng.uniforms_at(seed, draws[3] if len(draws) > 3 else rng.STREAM_JUMPS, index[rows // l][:, None], step,
-                                (rows % l)[:, None] * s_levels + levels[None, :])
-            x_flat[rows] = kernel.draw(lam, x_flat[rows], u)
+            x_flat[rows] = kernel.draw(lam, x_flat[rows], uniforms(rows, levels[None, :]))
         return x_flat.reshape(x.shape)
     if isinstance(kernel, StayOrJump):  # decide the rows that stay from two float32 sums; draw the others exactly
         canon = graph.canonical_graph()
         chunk = max(1, _CHUNK_ELEMS // v)
         for start in range(0, idx.numel(), chunk):
             rows = idx[start : start + chunk]
-            u = rng.uniforms_at(seed, stream, index[rows // l], step, rows % l)
+            u = uniforms(rows)
             go = ~kernel.stays(ls_flat[rows], x_flat[rows], u)
             if bool(go.any()):
                 moving_rows = rows[go]
@@ -463,8 +467,7 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
         extra = [_canonical(graph, r[rows].detach()) for r in extra_flat]
         probs = kernel.probs(canon, model.noise, graph.canonical_scores(ls_flat[rows].detach()),
                              graph.to_canonical(x_flat[rows]), *extra)
-        u = rng.uniforms_at(seed, stream, index[rows // l], step, rows % l)
-        x_flat[rows] = graph.from_canonical(draw(probs, u))
+        x_flat[rows] = graph.from_canonical(draw(probs, uniforms(rows)))
     return x_flat.reshape(x.shape)
 
 

@@ -47,6 +47,11 @@ class StepRule:
     def distillable(self) -> bool:
         return self.one_step is not None
 
+    @property
+    def commits(self) -> bool:
+        """The rule commits candidates per step (count, confidence): LSD fits the committed tokens' likelihood."""
+        return self.one_step == COMMIT_STEP
+
     def one_step_kernel(self, *args):
         """The kernel of one step t -> s of this rule (:mod:`lsdtool.kernels`), for the teacher-path likelihood."""
         return _resolve(self.one_step)(*args)
@@ -54,9 +59,6 @@ class StepRule:
     def step_function(self):
         """The step generator ``step(run, k, x)``, imported on first use."""
         return _resolve(self.step)
-
-    def calls_per_step(self) -> int:
-        return self.calls
 
     def nfe(self, sampler) -> int:
         """Model calls of ``sampler`` with this rule (its optional denoise call included)."""
@@ -89,14 +91,15 @@ class StepRule:
         return f"the {self.name} sampler needs {self.requirement()}; {getattr(model, 'name', 'this model')} is {graph_name(model)}"
 
 
+COMMIT_STEP = "lsdtool.samplers:commit_step_kernel"  # one student step of a commit rule
 TEXT = ("absorb", "uniform")
 ORDINAL = ("gaussian",)
 RULES: dict[str, StepRule] = {rule.name: rule for rule in (
     StepRule("euler", "categorical", TEXT, "lsdtool.samplers:one_call_step", "lsdtool.samplers:categorical_step_kernel"),
     StepRule("tweedie", "categorical", TEXT, "lsdtool.samplers:one_call_step", "lsdtool.samplers:categorical_step_kernel"),
-    StepRule("count", "categorical", ("absorb",), "lsdtool.samplers:count_step", "lsdtool.samplers:commit_step_kernel"),  # fixed-count random order
+    StepRule("count", "categorical", ("absorb",), "lsdtool.samplers:count_step", COMMIT_STEP),  # fixed-count random order
     StepRule("theta-trapezoidal", "categorical", TEXT, "lsdtool.samplers:trapezoidal_step", None, 2),  # second order, theta = 1/2
-    StepRule("confidence", "commit-by-score", ("absorb",), "lsdtool.adaptive:confidence_step", "lsdtool.samplers:commit_step_kernel"),  # most confident first
+    StepRule("confidence", "commit-by-score", ("absorb",), "lsdtool.adaptive:confidence_step", COMMIT_STEP),  # most confident first
     StepRule("entropy-bound", "commit-by-score", ("absorb",), "lsdtool.adaptive:entropy_bound_step", None),  # <= 1 call per sample and step
     StepRule("tau-leaping", "poisson-jumps", ORDINAL, "lsdtool.samplers:tau_leaping_step", "lsdtool.samplers:jump_step_kernel", final_calls=1,
              grid="lsdtool.samplers:tau_leaping_grid"),  # tauLDR's, with its final argmax

@@ -29,6 +29,7 @@ class Graph:
 
     name: str
     mask_id: int | None = None
+    constant_rate: float | None = None  # Q(y -> x) when it is one number for every y != x (uniform: 1/N), else None
 
     def __init__(self, vocab_size: int):
         self.vocab_size = int(vocab_size)
@@ -36,14 +37,6 @@ class Graph:
     @property
     def params(self) -> dict:
         """The graph's parameters (JSON-able), recorded in artifacts and fingerprints."""
-        return {}
-
-    def describe(self) -> str:
-        """``name`` alone for default parameters, else ``name`` plus the parameters as JSON (cache keys, fingerprints)."""
-        extra = {k: v for k, v in self.params.items() if v != self._default_params().get(k)}
-        return self.name if not extra else f"{self.name}{json.dumps(extra, sort_keys=True, separators=(',', ':'))}"
-
-    def _default_params(self) -> dict:
         return {}
 
     @property
@@ -171,9 +164,6 @@ class Absorb(Graph):
     def params(self) -> dict:
         return {"mask_id": self.mask_id}
 
-    def _default_params(self) -> dict:
-        return {"mask_id": self.vocab_size - 1}
-
     def canonical_graph(self) -> "Graph":
         return self if self.canonical else Absorb(self.vocab_size)
 
@@ -260,10 +250,9 @@ class Uniform(Graph):
 
     name = "uniform"
 
-    @property
-    def constant_rate(self) -> float:
-        """Q(y -> x) is 1/N for every y != x: the reverse rates out of x are the scores over N."""
-        return 1.0 / self.vocab_size
+    def __init__(self, vocab_size: int):
+        super().__init__(vocab_size)
+        self.constant_rate = 1.0 / self.vocab_size  # the reverse rates out of x are the scores over N
 
     def log_score_from_x0(self, log_p0, x, sigma):
         """q_sigma(y | x0) = e^{-sigma} [y = x0] + (1 - e^{-sigma}) / N, so with a = e^{-sigma}, b = (1 - a) / N:
