@@ -22,6 +22,8 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
+from render_results import emit
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN = r"""
 import json, os, resource, sys, time
@@ -92,11 +94,7 @@ def main(argv=None) -> int:
                          "repeat, and the 1-minute load average before each.",
               "tables": [{"columns": ["tree", "wall s", "CPU s", "load before"], "rows": rows}],
               "notes": notes, "runs": runs}
-    text = json.dumps(result, indent=1)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print(text)
-    return 0
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ output (the comparison table) when ``--keep-output`` is given.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -23,6 +22,8 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+
+from render_results import emit
 
 ROOT = Path(__file__).resolve().parent.parent
 SETUP = re.compile(r"^(python3 -m venv|\.venv/bin/pip install)")
@@ -57,11 +58,7 @@ def main(argv=None) -> int:
                           "rows": [[f"{wall:.1f}", f"{ru.ru_utime + ru.ru_stime:.1f}", " / ".join(map(str, before)),
                                     " / ".join(map(str, after))]]}],
               "notes": [], "stdout": r.stdout}
-    text = json.dumps(result, indent=1)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print(text)
-    return 0
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,18 @@ the script named in their command.
 """
 
 
+def emit(result: dict, path: Path | None) -> int:
+    """Print a measuring script's result (the schema above) as JSON and write it to ``path`` when given; 0."""
+    missing = [k for k in REQUIRED if k not in result]
+    if missing:
+        raise ValueError(f"result lacks {', '.join(missing)}")
+    text = json.dumps(result, indent=1)
+    if path:
+        path.write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def load(folder: Path = RESULTS) -> list[dict]:
     """Every result file, checked for the required keys, ordered by date then id."""
     results = []
