@@ -108,6 +108,25 @@ class TeacherRollout:
     """
 
     def __init__(self, model, recipe: dict, device, collect_mass: bool = False, world=None):
+        self._setup(model, recipe, device)
+        if world is None:
+            self.mass = self._mass_buffer(self.n_samples) if collect_mass else None
+            self._run(range(self.n_samples), recipe["batch"])
+        else:
+            self._run_distributed(world, recipe["batch"], collect_mass)
+        self.final = self.states[-1]
+
+    @classmethod
+    def restored(cls, model, recipe: dict, device, states, reveal_step, reveal_logp) -> "TeacherRollout":
+        """A rollout of ``recipe`` from trajectories kept earlier (:mod:`lsdtool.rollouts`), without rolling out."""
+        r = cls.__new__(cls)
+        r._setup(model, recipe, device)
+        r.mass, r.states, r.reveal_step, r.reveal_logp = None, states, reveal_step, reveal_logp
+        r.final = r.states[-1]
+        return r
+
+    def _setup(self, model, recipe: dict, device) -> None:
+        """What a rollout knows before it runs: the teacher, its candidate boundaries and times, the graph."""
         self.model, self.device = model, device
         self.n_steps = recipe["teacher_steps"]
         self.n_samples = recipe["samples"]
@@ -127,12 +146,6 @@ class TeacherRollout:
         self.absorbing = self.graph.absorbing
         self._scores: dict[tuple, torch.Tensor] = {}
         self._score_bytes = 0
-        if world is None:
-            self.mass = self._mass_buffer(self.n_samples) if collect_mass else None
-            self._run(range(self.n_samples), recipe["batch"])
-        else:
-            self._run_distributed(world, recipe["batch"], collect_mass)
-        self.final = self.states[-1]
 
     def block_bounds(self) -> torch.Tensor:
         """Teacher step indices where its blocks start (and the last one ends); empty without blocks."""

@@ -111,9 +111,7 @@ def _read(path: Path, model, recipe: dict, device):
     import torch
     from safetensors.torch import load_file
 
-    from lsdtool.diffusion import graph_of
     from lsdtool.distillation import TeacherRollout, block_options, candidate_steps
-    from lsdtool.samplers import Sampler
 
     if not path.is_file() or block_options(recipe):  # prompted block rollouts are not kept
         return None
@@ -125,20 +123,7 @@ def _read(path: Path, model, recipe: dict, device):
     n, l = recipe["samples"], model.seq_len
     if not torch.equal(t.get("candidates", torch.empty(0)), cands) or tuple(t["states"].shape) != (len(cands), n, l):
         return None
-    r = TeacherRollout.__new__(TeacherRollout)
-    r.model, r.device = model, device
-    r.n_steps, r.n_samples, r.seed = recipe["teacher_steps"], n, recipe["seed"]
-    r.teacher = Sampler.plain(r.n_steps, base=recipe["base"])
-    r.candidates = cands
-    r.times = r.teacher.timesteps[cands]
-    r.graph = graph_of(model)
-    r.absorbing = r.graph.absorbing
-    r.options, r.conditions = {}, None
-    r._scores, r._score_bytes, r.mass = {}, 0, None
-    r.states = t["states"].long()
-    r.reveal_step = t["reveal_step"].long()
-    r.reveal_logp = t["reveal_logp"].double()
-    r.final = r.states[-1]
+    r = TeacherRollout.restored(model, recipe, device, t["states"].long(), t["reveal_step"].long(), t["reveal_logp"].double())
     r.decoding_cost = t.get("decoding_cost")
     r.saved = r.decoding_cost is not None
     return r
