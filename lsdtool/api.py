@@ -153,12 +153,13 @@ def sample_count(n: int | None, fixed, input=None) -> int:
     return n
 
 
-def sample_batches(model, sampler: Sampler, indices, seed: int = 0, *, batch_size: int = 64, device=None,
+def sample_batches(model, sampler: Sampler, indices, seed: int = 0, *, batch_size: int | str = 64, device=None,
                    conditions=None, progress: Progress | None = None,
                    on_step=None) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (global sample ids, tokens (b, L) LongTensor on CPU) batch by batch for the sample ids ``indices``
     (an int n means 0..n-1): memory stays bounded by ``batch_size`` however many samples are drawn. Sample i
-    depends only on (sampler, seed, i), never on the batching. ``conditions``: see :func:`conditions`.
+    depends only on (sampler, seed, i), never on the batching; ``batch_size="auto"`` sizes the batches from the
+    free memory and halves one that runs out of it. ``conditions``: see :func:`conditions`.
     ``on_step`` is called with every :class:`lsdtool.samplers.Step` (one per model call) of the batch being drawn."""
     from lsdtool import generation
 
@@ -166,8 +167,8 @@ def sample_batches(model, sampler: Sampler, indices, seed: int = 0, *, batch_siz
         indices = range(indices)
     elif not isinstance(indices, range):  # a range stays one: never n index objects in memory
         indices = [int(i) for i in indices]
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if batch_size != "auto" and not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be at least 1 or 'auto', got {batch_size!r}")
     top = (max(indices[0], indices[-1]) if isinstance(indices, range) else max(indices)) if len(indices) else -1
     if conditions is not None and len(conditions) > 1 and top >= len(conditions):
         raise ValueError(f"sample {top} asked for, but the input has {len(conditions)} lines")
@@ -187,7 +188,7 @@ def sample_batches(model, sampler: Sampler, indices, seed: int = 0, *, batch_siz
     yield from generation.batches(model, sampler, indices, seed, batch_size, dev, each_step, conditions)
 
 
-def sample(model, sampler: Sampler, n: int | None = None, seed: int = 0, *, batch_size: int = 64, device=None,
+def sample(model, sampler: Sampler, n: int | None = None, seed: int = 0, *, batch_size: int | str = 64, device=None,
            prefix: str | None = None, suffix: str | None = None, input: str | Path | None = None,
            prompt: str | None = None, prompts: str | Path | None = None, chat: bool = False,
            progress: Progress | None = None) -> torch.LongTensor:

@@ -35,6 +35,19 @@ steps_range = in_range(1, STEPS_LIMIT)
 batch_range = in_range(1, BATCH_LIMIT)
 
 
+def batch_size(ctx, param, value):
+    """A click callback accepting ``auto`` (sized from free memory) or an integer in 1..BATCH_LIMIT."""
+    import click
+
+    if value is None or value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        raise click.BadParameter(f"must be auto or an integer, got {value!r}") from None
+    return batch_range(ctx, param, number)
+
+
 def positive_finite(ctx, param, value):
     """A click callback accepting floats that are finite and above 0 (None passes through)."""
     import click

@@ -66,7 +66,8 @@ offline_option = click.option("--offline", is_flag=True, default=None, help="Nev
 @click.option("--denoise", is_flag=True, help="Add SEDD's final denoise step (one more NFE).")
 @click.option("-n", "num", type=int, callback=bounds.count_range, help="Number of samples  [default: 16, or one per --input line]")
 @click.option("--seed", type=int, default=0, show_default=True, callback=bounds.seed_range, help="0..2**64-1.")
-@click.option("--batch-size", type=int, default=64, show_default=True, callback=bounds.batch_range)
+@click.option("--batch-size", default="64", show_default=True, callback=bounds.batch_size,
+              help="Samples per batch, or auto: from the free memory, halved where a batch does not fit.")
 @click.option("--format", "fmt", type=click.Choice(["text", "jsonl", "tokens", "png"]), default="text", show_default=True,
               help="png (image models): -o GRID.png for one grid, -o DIR/ for one PNG per sample.")
 @click.option("-o", "--output", type=click.Path(), help="Write samples here instead of stdout (png: a file, or DIR/).")
@@ -448,7 +449,8 @@ def _nfe_list(ctx, param, value):
 @click.option("-n", "num", type=int, default=256, show_default=True, callback=bounds.in_range(1, bounds.INDEX_LIMIT), help="Samples per row (indices 0..n-1).")
 @click.option("--seed", type=int, default=0, show_default=True, callback=bounds.seed_range, help="0..2**64-1.")
 @click.option("--teacher-steps", type=int, callback=bounds.steps_range, help="Teacher reference steps (default: the model's recipe); also passed to distillation.")
-@click.option("--batch-size", type=int, default=64, show_default=True, callback=bounds.batch_range)
+@click.option("--batch-size", default="64", show_default=True, callback=bounds.batch_size,
+              help="Samples per batch, or auto: from the free memory, halved where a batch does not fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (protocol and rows) instead of the table.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the rows as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),

@@ -49,23 +49,49 @@ def _devices_here() -> str:
     return "devices here: " + ", ".join(names)
 
 
-def batches(model, sampler: Sampler, indices: Sequence[int], seed: int, batch_size: int,
+def batches(model, sampler: Sampler, indices: Sequence[int], seed: int, batch_size: int | str,
             device: torch.device, on_step=None, conditions: conditioning.Conditions | None = None,
             ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (global indices, tokens (b, L) on CPU) batch by batch; output does not depend on batch_size.
 
     ``indices`` may be a ``range``: only one batch of indices ever exists, so memory is flat in n.
 
-    ``conditions`` gives each sample's fixed tokens (see :mod:`lsdtool.conditioning`).
+    ``conditions`` gives each sample's fixed tokens (see :mod:`lsdtool.conditioning`). ``batch_size``
+    ``auto`` starts from what the free memory holds (:func:`lsdtool.memory.auto_batch_size`) and halves a
+    batch that runs out of device memory, keeping the size that worked, with one note on stderr.
     """
-    for start in range(0, len(indices), batch_size):
-        chunk = list(indices[start : start + batch_size])
-        index = torch.tensor(chunk, dtype=torch.long, device=device)
-        x_init = fixed = None
-        if conditions is not None:
-            x_init, fixed = conditioning.start(model, index, seed, conditions.given(chunk).to(device))
-        x = sample(model, sampler, index, seed, x_init, fixed, callback=on_step)
-        yield chunk, x.cpu()
+    from lsdtool import memory
+
+    auto = batch_size == "auto"
+    size = memory.auto_batch_size(model, device, len(indices)) if auto else batch_size
+    start, failed = 0, None
+    while start < len(indices):
+        chunk = list(indices[start : start + size])
+        try:
+            x = _draw(model, sampler, chunk, seed, device, on_step, conditions)
+        except memory.OUT_OF_MEMORY:
+            if not auto or size == 1:
+                raise
+            failed, size = failed or len(chunk), max(1, len(chunk) // 2)
+        else:
+            if failed is not None:
+                from lsdtool import console
+
+                console.log(f"note: batch {failed} does not fit on {device}; using {size}")
+                failed = None
+            start += len(chunk)
+            yield chunk, x
+        if failed is not None and device.type == "cuda":
+            torch.cuda.empty_cache()  # the failed batch's blocks, freed with its traceback
+
+
+def _draw(model, sampler: Sampler, chunk: list[int], seed: int, device, on_step, conditions) -> torch.Tensor:
+    """Tokens (b, L) on CPU of the samples with global ids ``chunk``."""
+    index = torch.tensor(chunk, dtype=torch.long, device=device)
+    x_init = fixed = None
+    if conditions is not None:
+        x_init, fixed = conditioning.start(model, index, seed, conditions.given(chunk).to(device))
+    return sample(model, sampler, index, seed, x_init, fixed, callback=on_step).cpu()
 
 
 def sampler_label(sampler: Sampler) -> str:
