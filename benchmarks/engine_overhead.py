@@ -4,30 +4,49 @@ Builds a random-weight checkpoint of the SEDD-small architecture (V = 50258, hid
 12 heads, cond 128, loglinear; absorb with scale_by_sigma, and a uniform-graph variant), loads it
 through ``lsdtool.models.load`` and times, interleaved and repeated, one bare forward
 (``model.log_score`` at the batch size) and a full ``samplers.sample`` run for each rule: plain
-euler, plain tweedie and an LSD+-style sampler (non-uniform grid, Phi != 1). Reports min and
-median; ratio = min lsd wall / (NFE x min bare forward).
+euler, plain tweedie, an LSD+-style sampler (non-uniform grid, Phi != 1) and, on absorb, the
+confidence rule. Reports min and median; ratio = min lsd wall / (NFE x min bare forward).
+
+``--memory`` instead measures peak memory: of one bare forward, of sampling with each rule and of an
+LSD+ distillation (teacher rollout and fit, ``--samples`` = B trajectories), each at batch B in a fresh
+process that loads the model, releases what loading left behind, resets the peak and runs the one
+thing. CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats. CPU: the kernel's peak
+resident set (VmHWM, reset through /proc/self/clear_refs after loading and malloc_trim; where that
+reset is refused, ru_maxrss of the fresh process, which then includes the load). Both the peak and the
+growth above the loaded model are reported, as ratios to the bare forward's.
+
+``--json [FILE]`` prints the result in the results-page schema (benchmarks/render_results.py) and
+writes it to FILE (benchmarks/results/ID.json renders into docs/results.md and docs/performance.md).
 
     python benchmarks/engine_overhead.py                        # CPU, 2 threads, the full table
     python benchmarks/engine_overhead.py --device cuda --json   # on a GPU
     python benchmarks/engine_overhead.py --quick                # seconds-long smoke run (tiny network)
+    python benchmarks/engine_overhead.py --memory --quick       # peak memory, B = 1, 16, 64, L = 1024
     python benchmarks/engine_overhead.py --distill              # LSD+ teacher rollout / fit split (L = 256)
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 import torch
 
-RULES = ("euler", "tweedie", "lsd+")
+from render_results import emit
+
+RULES = ("euler", "tweedie", "lsd+", "confidence")
+LABELS = {"lsd+": "LSD+-shaped"}
 
 
 def build_checkpoint(directory: Path, graph: str, dims: dict, seed: int = 0) -> Path:
@@ -58,13 +77,17 @@ def build_checkpoint(directory: Path, graph: str, dims: dict, seed: int = 0) -> 
     return out
 
 
-def samplers(steps: int):
-    """The rules timed: plain euler and tweedie, and an LSD+-like sampler (power grid, Phi varying)."""
+def samplers(steps: int, graph: str, names=RULES):
+    """The rules timed: plain euler and tweedie, an LSD+-like sampler (power grid, Phi varying) and, on an
+    absorbing graph, the confidence rule; those of ``names``, euler always (its run is the warm-up)."""
     from lsdtool.samplers import Sampler, power_grid
 
     plus = Sampler(power_grid(steps, 1.6), torch.linspace(0.9, 1.15, steps, dtype=torch.float64), "euler", "score",
                    meta={"kind": "benchmark LSD+-shaped sampler"})
-    return {"euler": Sampler.plain(steps, "euler"), "tweedie": Sampler.plain(steps, "tweedie"), "lsd+": plus}
+    every = {"euler": Sampler.plain(steps, "euler"), "tweedie": Sampler.plain(steps, "tweedie"), "lsd+": plus}
+    if graph == "absorb":
+        every["confidence"] = Sampler.plain(steps, "confidence")
+    return {k: v for k, v in every.items() if k in names or k == "euler"}
 
 
 def sync(dev: torch.device) -> None:
@@ -118,14 +141,21 @@ def measure(model, dev, batch: int, rules: dict, repeats: int, seed: int = 0) ->
     return rows
 
 
+def distill_recipe(model, args, samples: int) -> dict:
+    """The LSD+ recipe the distillation measurements run: ``samples`` trajectories in one batch."""
+    from lsdtool import recipes
+
+    return recipes.effective("sedd-small", graph=model.graph,
+                             overrides=dict(steps=args.steps, teacher_steps=args.teacher_steps, samples=samples,
+                                            batch=samples, candidates=args.candidates, iters=args.iters))
+
+
 def measure_distill(model, dev, args) -> dict:
     """The teacher rollout and the fit of an LSD+ distillation, timed apart, and one bare forward at the
     rollout batch: rollout / (teacher NFE x bare forward) is what the engine adds to the teacher."""
-    from lsdtool import distillation, recipes
+    from lsdtool import distillation
 
-    recipe = recipes.effective("sedd-small", overrides=dict(steps=args.steps, teacher_steps=args.teacher_steps,
-                                                            samples=args.samples, batch=args.samples,
-                                                            candidates=args.candidates, iters=args.iters))
+    recipe = distill_recipe(model, args, args.samples)
     x = torch.full((args.samples, model.seq_len), model.vocab_size - 1, device=dev)
     t = torch.full((args.samples,), 0.5, device=dev)
 
@@ -151,6 +181,95 @@ def measure_distill(model, dev, args) -> dict:
             "rollout_over_forwards": round(rollout_s / (nfe * min(fwd)), 3)}
 
 
+def _release_and_reset_peak() -> str:
+    """Return what loading freed to the OS and reset the peak resident set; the method the peak is read by."""
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return "VmHWM"
+    except OSError:
+        return "ru_maxrss"
+
+
+def _rss_mib(field: str) -> float:
+    if field == "ru_maxrss":  # KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def memory_child(spec: dict) -> dict:
+    """One memory configuration in this (fresh) process: load, reset the peak, run ``spec['what']`` once."""
+    from lsdtool.models import load
+    from lsdtool.samplers import sample
+
+    torch.set_num_threads(spec["threads"])
+    dev = torch.device(spec["device"])
+    model = load(spec["checkpoint"], device=dev)
+    batch, args = spec["batch"], argparse.Namespace(**spec["args"])
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        method, base = "max_memory_allocated", torch.cuda.memory_allocated(dev) / 2**20
+    else:
+        method = _release_and_reset_peak()
+        base = _rss_mib("VmRSS" if method == "VmHWM" else "ru_maxrss")
+    what = spec["what"]
+    if what == "forward":
+        x = torch.full((batch, model.seq_len), model.vocab_size - 1, device=dev)
+        if model.graph != "absorb":
+            x = torch.randint(0, model.vocab_size, (batch, model.seq_len), generator=torch.Generator().manual_seed(0)).to(dev)
+        with torch.no_grad():
+            model.log_score(x, torch.full((batch,), 0.5, device=dev))
+    elif what == "distill":  # an LSD+ teacher rollout of B trajectories and the fit on them
+        from lsdtool import distillation
+
+        recipe = distill_recipe(model, args, batch)
+        distillation.fit_teacher_path(distillation.TeacherRollout(model, recipe, dev), recipe)
+    else:
+        sample(model, samplers(args.steps, model.graph, (what,))[what], torch.arange(batch, device=dev), 0)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20
+    else:
+        peak = _rss_mib(method)
+    return {"method": method, "loaded_mib": round(base, 1), "peak_mib": round(peak, 1)}
+
+
+def measure_memory(checkpoint: Path, graph: str, dims: dict, dev, args) -> list[dict]:
+    """Peak memory of a bare forward, of each rule's sampling and of a distillation at each batch size,
+    each in a fresh process; growth = peak - the loaded model, factor = growth / (B L V 4 bytes)."""
+    rows = []
+    names = ["forward", *samplers(args.steps, graph, args.rules.split(",")), *(["distill"] if args.distill_memory else [])]
+    for batch in (int(b) for b in args.batches.split(",")):
+        spec = {"checkpoint": str(checkpoint), "device": str(dev), "threads": args.threads, "batch": batch,
+                "args": {k: getattr(args, k) for k in ("steps", "teacher_steps", "candidates", "iters")}}
+        got = {}
+        for what in names:
+            r = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps({**spec, "what": what})],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"{graph} B={batch} {what} failed:\n{r.stderr[-3000:]}")
+            got[what] = json.loads(r.stdout.strip().splitlines()[-1])
+            print(f"  {graph} B={batch} {what}: {got[what]}", file=sys.stderr, flush=True)
+        fwd = got["forward"]
+        scores = batch * dims["length"] * (dims["tokens"] + 1) * 4 / 2**20  # the (B, L, V) float32 scores
+        for what, m in got.items():
+            growth = m["peak_mib"] - m["loaded_mib"]
+            rows.append({"graph": graph, "batch": batch, "what": what, "method": m["method"],
+                         "loaded_mib": m["loaded_mib"], "peak_mib": m["peak_mib"], "growth_mib": round(growth, 1),
+                         "peak_over_forward": round(m["peak_mib"] / fwd["peak_mib"], 3),
+                         "growth_over_forward": round(growth / max(fwd["peak_mib"] - fwd["loaded_mib"], 1e-9), 3),
+                         "growth_over_scores": round(growth / scores, 2)})
+    return rows
+
+
 def protocol(dev: torch.device, args) -> dict:
     return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
@@ -158,18 +277,64 @@ def protocol(dev: torch.device, args) -> dict:
             "load_average_start": [round(v, 2) for v in os.getloadavg()]}
 
 
+def _label(rule: str) -> str:
+    return LABELS.get(rule, rule)
+
+
+def result(args, argv, proto: dict, rows: list[dict]) -> dict:
+    """The run in the results-page schema (benchmarks/render_results.py), raw rows and protocol kept."""
+    net = "tiny network (V = 1001, 2 blocks, width 64)" if args.quick else "SEDD-small architecture (V = 50258, 12 blocks, width 768)"
+    load = f"load average {proto['load_average_start'][0]} -> {proto['load_average_end'][0]}"
+    machine = f"{proto['device']}, torch {proto['torch']}, {proto['threads']} threads, {load}"
+    kind = "memory" if args.memory else "overhead"
+    device = "cuda" if args.device.startswith("cuda") else "cpu"
+    if args.memory:
+        method = rows[0]["method"] if rows else "?"
+        table = {"columns": ["graph", "B", "run", "peak MiB", "growth MiB", "peak / forward's", "growth / forward's",
+                             "growth / scores"],
+                 "rows": [[r["graph"], str(r["batch"]), "bare forward" if r["what"] == "forward" else
+                           "distillation" if r["what"] == "distill" else "sampling, " + _label(r["what"]),
+                           f"{r['peak_mib']:.0f}", f"{r['growth_mib']:.0f}", f"{r['peak_over_forward']:.2f}",
+                           f"{r['growth_over_forward']:.2f}", f"{r['growth_over_scores']:.2f}"] for r in rows]}
+        title = f"Peak memory of sampling against bare forwards ({device.upper() if device == 'cuda' else 'CPU'}, {net.split(' (')[0]})"
+        summary = (f"{net}, L = {args.length}, {args.steps} steps; each run in a fresh process. Peak read by {method}; "
+                   "growth = peak - memory after loading the model; scores = the (B, L, V) float32 log scores of one forward.")
+        notes = ["peak / forward's: the run's peak over the bare forward's at the same B (the model's weights included)",
+                 "growth / scores: the step factor of lsdtool.memory (what --batch-size auto plans with)"]
+    else:
+        table = {"columns": ["graph", "B", "rule", "NFE", "forward min / median (s)", "lsd min / median (s)",
+                             "ratio of minima", "ratio of medians"],
+                 "rows": [[r["graph"], str(r["batch"]), _label(r["rule"]), str(r["nfe"]),
+                           f"{r['forward_min_s']:.4g} / {r['forward_median_s']:.4g}", f"{r['lsd_min_s']:.4g} / {r['lsd_median_s']:.4g}",
+                           f"{r['ratio_min']:.2f}", f"{r['ratio_median']:.2f}"] for r in rows]}
+        title = f"Engine overhead ({device.upper() if device == 'cuda' else 'CPU'}, {net.split(' (')[0]})"
+        summary = (f"{net}, L = {args.length}, {args.steps} steps, {args.repeats} interleaved repeats; "
+                   "ratio = lsd wall / (NFE x one bare forward at the same B).")
+        notes = []
+    name = Path(args.json).stem if args.json else f"engine-{kind}-{device}" + ("-quick" if args.quick else "")
+    return {"id": name, "title": title, "command": "python benchmarks/engine_overhead.py " + " ".join(argv),
+            "machine": machine, "date": date.today().isoformat(), "source": "measured: written by benchmarks/engine_overhead.py",
+            "summary": summary, "tables": [table], "notes": notes, "protocol": proto, "rows": rows}
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    ap.add_argument("--length", type=int, default=256, help="sequence length L (default 256)")
+    ap.add_argument("--length", type=int, help="sequence length L (default 256; --memory: 1024)")
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--batches", default="1,16", help="comma-separated batch sizes (default 1,16)")
+    ap.add_argument("--batches", help="comma-separated batch sizes (default 1,16; --memory: 1,16,64)")
     ap.add_argument("--graphs", default="absorb,uniform")
     ap.add_argument("--rules", default=",".join(RULES))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="a tiny network (V = 1001, 2 blocks), for a smoke run")
-    ap.add_argument("--json", action="store_true", help="print the rows and protocol as JSON")
+    ap.add_argument("--json", nargs="?", const="", metavar="FILE",
+                    help="print the result as JSON (the results-page schema) and write it to FILE when given")
+    ap.add_argument("--memory", action="store_true", help="instead: peak memory of forwards, sampling and distillation")
+    ap.add_argument("--no-distill-memory", dest="distill_memory", action="store_false",
+                    help="--memory without the distillation runs")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     ap.add_argument("--distill", action="store_true",
                     help="instead: time an LSD+ teacher rollout and fit (absorb) against bare forwards")
     ap.add_argument("--teacher-steps", type=int, default=64)
@@ -177,6 +342,11 @@ def main(argv=None) -> int:
     ap.add_argument("--candidates", type=int, default=16)
     ap.add_argument("--iters", type=int, default=3)
     args = ap.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return 0
+    args.length = args.length or (1024 if args.memory else 256)
+    args.batches = args.batches or ("1,16,64" if args.memory else "1,16")
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     dims = dict(tokens=50257, hidden=768, blocks=12, heads=12, cond=128, length=args.length)
@@ -185,33 +355,32 @@ def main(argv=None) -> int:
     from lsdtool.models import load
 
     proto = protocol(dev, args)
-    rules = {k: v for k, v in samplers(args.steps).items() if k in args.rules.split(",")}
-    rules.setdefault("euler", samplers(args.steps)["euler"])
     rows = []
     if args.distill:
         with tempfile.TemporaryDirectory(prefix="lsd-engine-overhead-") as tmp:
-            result = measure_distill(load(str(build_checkpoint(Path(tmp), "absorb", dims)), device=dev), dev, args)
+            result_ = measure_distill(load(str(build_checkpoint(Path(tmp), "absorb", dims)), device=dev), dev, args)
         proto["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-        print(json.dumps({"protocol": proto, "distill": result}, indent=1 if args.json else None))
+        print(json.dumps({"protocol": proto, "distill": result_}, indent=1 if args.json is not None else None))
         return 0
     with tempfile.TemporaryDirectory(prefix="lsd-engine-overhead-") as tmp:
         for graph in args.graphs.split(","):
             path = build_checkpoint(Path(tmp), graph, dims)
+            if args.memory:
+                rows += measure_memory(path, graph, dims, dev, args)
+                continue
             model = load(str(path), device=dev)
             for batch in (int(b) for b in args.batches.split(",")):
-                rows += measure(model, dev, batch, rules, args.repeats)
+                rows += measure(model, dev, batch, samplers(args.steps, graph, args.rules.split(",")), args.repeats)
             del model
     proto["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-    if args.json:
-        print(json.dumps({"protocol": proto, "rows": rows}, indent=1))
-        return 0
-    print(f"# {proto['device']}, torch {proto['torch']}, {proto['threads']} threads, L = {args.length}, "
-          f"{args.steps} steps, {args.repeats} interleaved repeats; load average "
-          f"{proto['load_average_start']} -> {proto['load_average_end']}")
-    print(f"{'graph':8} {'B':>3} {'rule':8} {'NFE':>3} {'forward min/med s':>18} {'lsd min/med s':>16} {'ratio min':>9} {'ratio med':>9}")
-    for r in rows:
-        print(f"{r['graph']:8} {r['batch']:>3} {r['rule']:8} {r['nfe']:>3} {r['forward_min_s']:>8.3f}/{r['forward_median_s']:<9.3f}"
-              f" {r['lsd_min_s']:>7.3f}/{r['lsd_median_s']:<8.3f} {r['ratio_min']:>9.3f} {r['ratio_median']:>9.3f}")
+    out = result(args, argv, proto, rows)
+    if args.json is not None:
+        return emit(out, Path(args.json) if args.json else None)
+    print(f"# {out['title']}; {out['machine']}\n# {out['summary']}")
+    table = out["tables"][0]
+    print(" | ".join(table["columns"]))
+    for row in table["rows"]:
+        print(" | ".join(row))
     return 0
 
 
