@@ -149,15 +149,17 @@ class StayOrJump(Kernel):
         return out
 
 
-def masked_kernel(noise, t, s, base: str, coeff, mode: str, final: bool) -> MaskedCategorical | None:
+def masked_kernel(noise, t, s, base: str, coeff, mode: str, final: bool,
+                  positive: bool | None = None) -> MaskedCategorical | None:
     """The closed form of an euler, tweedie or count step at masked rows, or None where it does not apply
-    (a per-row Phi or times, a non-positive Phi in score mode, whose rows the general rule clamps)."""
+    (a per-row Phi or times, a non-positive Phi in score mode, whose rows the general rule clamps).
+    ``positive``: whether Phi > 0, when the caller knows it without asking the device."""
     coeff, t, s = (torch.as_tensor(v, dtype=torch.float64) for v in (coeff, t, s))
     if base not in ("euler", "tweedie", "count") or mode not in ("score", "temperature") \
             or max(coeff.numel(), t.numel(), s.numel()) != 1:
         return None
     coeff, t, s = coeff.reshape(()), t.reshape(()), s.reshape(())
-    if mode == "score" and not bool(coeff > 0):
+    if mode == "score" and not (bool(coeff > 0) if positive is None else positive):
         return None
     if final or base == "count":
         return MaskedCategorical(None, coeff, mode, True)
@@ -177,6 +179,12 @@ _BLOCK_ELEMS = 1 << 20  # elements per block of a CPU row pass (at least 16 rows
 def _chunk_elems(device: torch.device) -> int:
     """Row-chunk size in elements: small on CPU (memory), large on a GPU (few kernel launches per step)."""
     return _CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS * 8
+
+
+def _exact_sums(device: torch.device) -> bool:
+    """Whether masked rows decide from float64 totals at once: on a GPU, where the float32 pass's check for rows
+    near their threshold (``unsure.any()``) would wait for the device, and float64 costs about the same."""
+    return device.type == "cuda"
 
 
 def _weights(ls: torch.Tensor, coeff: torch.Tensor, mode: str, out: torch.Tensor) -> torch.Tensor:
@@ -232,6 +240,9 @@ def _draw_masked(real: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, rule: 
     scale, coeff, mode, final = rule.scale, rule.coeff, rule.mode, rule.final
     if final:
         move = torch.ones_like(u, dtype=torch.bool)
+    elif _exact_sums(real.device):  # every total in float64: the decision the float32 pass reaches, without a sync
+        jump = scale * _row_sums(real, rows, coeff, mode, torch.float64)
+        move = u * jump.clamp_min(1.0) < jump
     else:
         total = _row_sums(real, rows, coeff, mode, torch.float32)
         jump = scale * total

@@ -180,16 +180,18 @@ def _masked_rows(noise: Noise, log_score, t, s, base, coeff, mode, final):
     return normalise(torch.cat([jump, 1 - jump.sum(-1, keepdim=True)], -1))
 
 
-def stay_or_jump_kernel(graph: Graph, noise: Noise, t, s, base, coeff, mode, final) -> StayOrJump | None:
+def stay_or_jump_kernel(graph: Graph, noise: Noise, t, s, base, coeff, mode, final,
+                        positive: bool | None = None) -> StayOrJump | None:
     """The fast-decision kernel of an euler step on a graph whose reverse rates out of x are one constant
-    times the score (``graph.constant_rate``, uniform: 1/N), or None where it does not apply."""
+    times the score (``graph.constant_rate``, uniform: 1/N), or None where it does not apply. ``positive``:
+    whether Phi > 0, when the caller knows it without asking the device."""
     rate = graph.constant_rate
     coeff, t, s = (torch.as_tensor(v, dtype=torch.float64) for v in (coeff, t, s))
     if rate is None or base != "euler" or mode not in ("score", "temperature") or \
             max(coeff.numel(), t.numel(), s.numel()) != 1:
         return None
     coeff, t, s = coeff.reshape(()), t.reshape(()), s.reshape(())
-    if mode == "score" and not bool(coeff > 0):
+    if mode == "score" and not (bool(coeff > 0) if positive is None else positive):
         return None
     c = (t - s) * noise.rate(t) * rate
     exact = Categorical(step_rows, (t, s, base, coeff, mode, final))
@@ -490,6 +492,14 @@ class Run:
     coeffs: torch.Tensor  # (M,) float64 on the run's device
     graph: Graph  # the model's graph (:func:`lsdtool.diffusion.graph_of`)
     state: dict = field(default_factory=dict)  # what a rule keeps between its steps
+    # the grid in float64 on the device, and which Phi_k are positive, made once: a step that copied a time to a
+    # GPU or asked it whether Phi_k > 0 would wait for the device's queue to drain
+    grid64: torch.Tensor = field(init=False, repr=False)
+    positive: list = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.grid64 = self.timesteps.detach().double().to(self.device)
+        self.positive = (self.sampler.coeffs.detach() > 0).tolist()
 
     @property
     def device(self) -> torch.device:
@@ -508,7 +518,7 @@ class Run:
         """(t, s, t64, s64, final) of step k: the grid times and their float64 copies on the device."""
         t, s = self.timesteps[k], self.timesteps[k + 1]
         final = k == self.sampler.steps - 1 and not self.sampler.denoise
-        return t, s, t.detach().double().to(self.device), s.detach().double().to(self.device), final
+        return t, s, self.grid64[k], self.grid64[k + 1], final
 
     def moving_masks(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L) bool: masked positions that are not fixed."""
@@ -520,9 +530,9 @@ class Run:
         has a mask and the form applies, else the categorical rows of :func:`step_rows`."""
         args = (t64, s64, base, self.coeffs[k], self.sampler.mode, final)
         if self.graph.absorbing:
-            fast = masked_kernel(self.model.noise, *args)
+            fast = masked_kernel(self.model.noise, *args, positive=self.positive[k])
         else:
-            fast = stay_or_jump_kernel(self.graph, self.model.noise, *args)
+            fast = stay_or_jump_kernel(self.graph, self.model.noise, *args, positive=self.positive[k])
         return fast if fast is not None else Categorical(step_rows, args)
 
 

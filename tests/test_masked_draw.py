@@ -4,7 +4,7 @@ inverse-CDF draw of the full-row reference probabilities: the same token for the
 import pytest
 import torch
 
-from lsdtool import rng
+from lsdtool import kernels, rng
 from lsdtool.diffusion import LogLinear, make_graph
 from lsdtool.kernels import Categorical, _draw_masked, denoise_kernel, draw, masked_kernel
 from lsdtool.samplers import advance, denoise_rows, step_rows
@@ -45,8 +45,11 @@ def reference_tokens(rows_fn, args, ls, u):
     return draw(probs.repeat_interleave(g, 0), u.reshape(-1)).reshape(ls.shape[0], g)
 
 
+@pytest.mark.parametrize("exact_sums", [False, True], ids=["float32-pass", "float64-totals"])
 @pytest.mark.parametrize("rows_fn,args", RULES)
-def test_same_token_as_the_full_row_draw_for_every_uniform(rows_fn, args):
+def test_same_token_as_the_full_row_draw_for_every_uniform(rows_fn, args, exact_sums, monkeypatch):
+    """Both ways a masked row decides (the float32 pass with its float64 redo; on a GPU, float64 totals at once)."""
+    monkeypatch.setattr(kernels, "_exact_sums", lambda device: exact_sums)
     ls = score_rows()
     x = torch.full((ls.shape[0],), V - 1)
     probs = rows_fn(GRAPH, NOISE, ls.double(), x, *args)
