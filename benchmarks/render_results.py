@@ -2,8 +2,10 @@
 
 Every number on the results page comes from one of those files, and each section names the
 command, the machine and the date it came from, and whether it was measured by a script that wrote
-the JSON or recorded by hand from an earlier report. ``--check`` exits 1 when docs/results.md is
-not what the JSON renders to (the test suite runs it).
+the JSON or recorded by hand from an earlier report. Another docs page shows a result's tables
+between ``<!-- results: ID -->`` and ``<!-- /results -->``, rendered from benchmarks/results/ID.json
+here too. ``--check`` exits 1 when docs/results.md or such a page is not what the JSON renders to
+(the test suite runs it).
 
 Schema of a result file: ``id``, ``title``, ``command``, ``machine``, ``date``, ``source``,
 ``summary``, ``tables`` (each ``{"columns": [...], "rows": [[...], ...]}``) and ``notes`` (list).
@@ -13,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PAGE = ROOT / "docs" / "results.md"
+DOCS = ROOT / "docs"
+EMBED = re.compile(r"(<!-- results: (?P<id>[A-Za-z0-9_.-]+) -->\n).*?(?=<!-- /results -->)", re.S)
 REQUIRED = ("id", "title", "command", "machine", "date", "source", "tables")
 HEADER = """# Measured results
 
@@ -84,19 +89,55 @@ def render(results: list[dict]) -> str:
     return text.rstrip("\n") + "\n"
 
 
+def embed(text: str, results: list[dict]) -> str:
+    """A docs page with each ``<!-- results: ID -->`` block holding result ID's tables, summary and provenance."""
+    by_id = {r["id"]: r for r in results}
+
+    def block(m) -> str:
+        r = by_id.get(m["id"])
+        if r is None:
+            raise SystemExit(f"a docs page shows result {m['id']!r}, which benchmarks/results/ lacks")
+        lines = [f"*{r['title']}*: {r['machine']}, {r['date']} (`benchmarks/results/{r['id']}.json`, "
+                 f"[details](results.md#{_anchor(r['title'])})).", ""]
+        if r.get("summary"):
+            lines += [r["summary"], ""]
+        for table in r["tables"]:
+            lines += _table(table) + [""]
+        return m.group(1) + "\n".join(lines) + "\n"
+
+    return EMBED.sub(block, text)
+
+
+def _anchor(title: str) -> str:
+    """The heading id mkdocs gives ``## title`` (lower case, punctuation dropped, spaces to hyphens)."""
+    return re.sub(r"[\s]+", "-", re.sub(r"[^\w\s-]", "", title.lower()).strip())
+
+
+def pages(results: list[dict]) -> dict[Path, str]:
+    """Every generated page and what it should hold: the results page and the docs pages that embed results."""
+    out = {PAGE: render(results)}
+    for page in sorted(DOCS.glob("*.md")):
+        if page != PAGE:
+            text = page.read_text(encoding="utf-8")
+            if EMBED.search(text):
+                out[page] = embed(text, results)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if docs/results.md is out of date")
+    ap.add_argument("--check", action="store_true", help="exit 1 if docs/results.md or an embedding page is out of date")
     args = ap.parse_args(argv)
-    text = render(load())
+    wanted = pages(load())
     if args.check:
-        if not PAGE.exists() or PAGE.read_text(encoding="utf-8") != text:
-            print(f"{PAGE} is out of date: run python benchmarks/render_results.py", file=sys.stderr)
-            return 1
-        return 0
+        stale = [p for p, text in wanted.items() if not p.exists() or p.read_text(encoding="utf-8") != text]
+        for page in stale:
+            print(f"{page} is out of date: run python benchmarks/render_results.py", file=sys.stderr)
+        return 1 if stale else 0
     PAGE.parent.mkdir(exist_ok=True)
-    PAGE.write_text(text, encoding="utf-8")
-    print(PAGE)
+    for page, text in wanted.items():
+        page.write_text(text, encoding="utf-8")
+        print(page)
     return 0
 
 
