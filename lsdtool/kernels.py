@@ -181,6 +181,13 @@ def _chunk_elems(device: torch.device) -> int:
     return _CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS * 8
 
 
+def chunk_rows(cap_elems: int, width: int, rows: int) -> int:
+    """Rows per chunk of an engine pass over ``rows`` rows of ``width`` columns: at most ``cap_elems`` elements,
+    and at most a sixteenth of the rows (at least 64), so the float64 temporaries of a chunk stay a fraction of
+    the step's float32 scores (a chunk of every row would add several float64 copies of them to the peak)."""
+    return max(1, min(cap_elems // width, max(64, -(-rows // 16))))
+
+
 def _exact_sums(device: torch.device) -> bool:
     """Whether masked rows decide from float64 totals at once: on a GPU, where the float32 pass's check for rows
     near their threshold (``unsure.any()``) would wait for the device, and float64 costs about the same."""

@@ -41,7 +41,7 @@ from lsdtool import artifacts, rng, steprules
 from lsdtool.blocks import greedy_rows, guided, layout
 from lsdtool.diffusion import Graph, Noise, graph_of
 from lsdtool.kernels import (_CHUNK_ELEMS, Categorical, Kernel, MaskedCategorical, PoissonJumps, StayOrJump, _chunk_elems,
-                             denoise_kernel, draw, masked_kernel, normalise)
+                             chunk_rows, denoise_kernel, draw, masked_kernel, normalise)
 from lsdtool.grids import grid_problem, options_problem
 
 THETA = 0.5  # theta of the theta-trapezoidal rule
@@ -428,7 +428,7 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
 
     if isinstance(kernel, MaskedCategorical):  # moving rows are masked rows: decide from row totals, build rows only where they move
         real = ls_flat.detach()[:, :-1] if graph.canonical else None
-        chunk = max(1, _chunk_elems(x.device) // v)
+        chunk = chunk_rows(_chunk_elems(x.device), v, idx.numel())
         for start in range(0, idx.numel(), chunk):
             rows = idx[start : start + chunk]
             u = uniforms(rows)
@@ -449,7 +449,7 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
         return x_flat.reshape(x.shape)
     if isinstance(kernel, StayOrJump):  # decide the rows that stay from two float32 sums; draw the others exactly
         canon = graph.canonical_graph()
-        chunk = max(1, _CHUNK_ELEMS // v)
+        chunk = chunk_rows(_CHUNK_ELEMS, v, idx.numel())
         for start in range(0, idx.numel(), chunk):
             rows = idx[start : start + chunk]
             u = uniforms(rows)
@@ -463,7 +463,7 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
         raise TypeError(f"advance has no draw for {type(kernel).__name__}")
     canon = graph.canonical_graph()
     extra_flat = [r.reshape(x_flat.shape[0], *r.shape[2:]) for r in row_inputs]
-    chunk = max(1, _CHUNK_ELEMS // v)
+    chunk = chunk_rows(_CHUNK_ELEMS, v, idx.numel())
     for start in range(0, idx.numel(), chunk):
         rows = idx[start : start + chunk]
         extra = [_canonical(graph, r[rows].detach()) for r in extra_flat]
