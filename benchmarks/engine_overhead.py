@@ -133,7 +133,7 @@ def measure(model, dev, batch: int, rules: dict, repeats: int, seed: int = 0) ->
     f_min, f_med = min(all_fwd), statistics.median(all_fwd)
     for name, sampler in rules.items():
         nfe = sampler.nfe
-        rows.append({"graph": model.graph, "batch": batch, "rule": name, "nfe": nfe,
+        rows.append({"graph": str(model.graph), "batch": batch, "rule": name, "nfe": nfe,
                      "forward_min_s": round(f_min, 4), "forward_median_s": round(f_med, 4),
                      "lsd_min_s": round(min(lsd[name]), 4), "lsd_median_s": round(statistics.median(lsd[name]), 4),
                      "ratio_min": round(min(lsd[name]) / (nfe * f_min), 3),

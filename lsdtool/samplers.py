@@ -428,7 +428,7 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
 
     if isinstance(kernel, MaskedCategorical):  # moving rows are masked rows: decide from row totals, build rows only where they move
         real = ls_flat.detach()[:, :-1] if graph.canonical else None
-        chunk = chunk_rows(_chunk_elems(x.device), v, idx.numel())
+        chunk = max(1, _chunk_elems(x.device) // v)  # the draw's own row blocks bound its temporaries on a CPU
         for start in range(0, idx.numel(), chunk):
             rows = idx[start : start + chunk]
             u = uniforms(rows)
