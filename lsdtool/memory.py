@@ -6,11 +6,12 @@ import os
 
 import torch
 
-# Peak bytes of one sampling step per sample, in units of its float32 scores (L x V x 4 bytes): the scores,
-# the engine's float64 row chunks and the forward's activations together. benchmarks/engine_overhead.py
-# --memory measured (peak RSS - RSS after loading) / (B L V 4) at 0.9-1.6 on CPU for the absorb and uniform
-# graphs (SEDD-small-shaped and tiny networks, B = 1..64, L = 256..1024); 3 leaves room for larger networks.
-STEP_FACTOR = 3.0
+# Peak bytes of one sampling step per sample, in units of its float32 scores (L x V x 4 bytes): the scores, the
+# engine's float64 row chunks and the forward's activations together. benchmarks/engine_overhead.py --memory
+# (benchmarks/results/engine-memory-cpu-quick.json: CPU, tiny network, L = 1024) measured the growth of the
+# peak over the loaded model at 1.8-3.4 of the scores for sampling at B = 16 and 64 (a bare forward: 1.6-2.0);
+# B = 1 adds a fixed few MiB. 3.5 covers every rule and graph measured.
+STEP_FACTOR = 3.5
 SHARE = 0.5  # of the free memory a batch may take: the rest is for the allocator's slack and everything else
 AUTO_CAP = 1024  # samples per batch at most: past this a CPU gains nothing and a GPU little
 
