@@ -339,7 +339,7 @@ def _preview(model, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def teacher_row(ctx: CompareSettings, steps: int) -> Row:
-    """The teacher reference row (Euler, ``steps`` steps). Its result is kept in the cache under
+    """The teacher reference row (the model's distillation base rule, Euler on text, ``steps`` steps). Its result is kept in the cache under
     compare/, keyed by everything it depends on, so a second identical run does not sample it again;
     such a row says ``details.cached`` and carries the timing of the run that measured it."""
     from lsdtool import cache
@@ -349,16 +349,27 @@ def teacher_row(ctx: CompareSettings, steps: int) -> Row:
     key_src = {"model": ctx.model.fingerprint, "steps": steps, "n": ctx.n, "seed": ctx.seed,
                "metric": getattr(ctx.evaluator, "identity", ctx.evaluator.name),
                "dtype": ctx.evaluator.dtype, "version": __version__, "row": 1}
+    base = teacher_base(ctx.model)
+    if base != "euler":
+        key_src["base"] = base
     path = cache.record_path("compare", "teacher", key_src, cache_root(ctx.cache_dir))
     saved = cache.read_record(path, key_src)
     if saved and "metrics" in saved and "seconds_per_sample" in saved:
         return Row("teacher", steps, steps, saved["metrics"], saved["seconds_per_sample"],
                    {"reference": True, "cached": str(path)})
-    sampler = Sampler.plain(steps, "euler")
+    sampler = Sampler.plain(steps, base)
     x, seconds = draw(ctx, sampler, ctx.n, ctx.seed, f"teacher ({steps} steps)")
     row = Row("teacher", steps, sampler.nfe, ctx.evaluator(x), seconds / ctx.n, {"reference": True}, sampler.nfe, sampler.nfe)
     cache.write_record(path, key_src, {"metrics": row.metrics, "seconds_per_sample": row.seconds_per_sample})
     return row
+
+
+def teacher_base(model) -> str:
+    """The step rule of the teacher: the base of the model's recipe on its graph (Euler unless the graph needs another)."""
+    from lsdtool import recipes
+    from lsdtool.diffusion import graph_of
+
+    return str(recipes.effective(model.name, graph=graph_of(model).name)["base"])
 
 
 def teacher_steps_default(model, recipe_file: str | None = None) -> int:
@@ -414,7 +425,7 @@ def run(model, samplers, nfes, *, n: int = 256, seed: int = 0, teacher_steps: in
     notes += _notes(model, names, rows, skipped, ctx)
     protocol = {
         "model": model.name, "model_fingerprint": model.fingerprint, "graph": str(model.graph), "noise": model.noise.describe(),
-        "n": n, "seed": seed, "sample_indices": f"0..{n - 1}", "teacher_steps": n_teacher, "teacher_sampler": "euler",
+        "n": n, "seed": seed, "sample_indices": f"0..{n - 1}", "teacher_steps": n_teacher, "teacher_sampler": teacher_base(model),
         "nfe": nfes, "samplers": names, "metric": evaluator.primary, "eval_model": evaluator.name,
         "diversity": {"key": evaluator.diversity[0], "label": evaluator.diversity[1]},
         "eval_dtype": evaluator.dtype, "device": str(dev), "batch_size": batch_size, "tune_seed": ctx.tune_seed,

@@ -173,16 +173,22 @@ def to_levels(pixels: torch.Tensor, s: int) -> torch.Tensor:
     return (2 * (s - 1) * p + 255) // (2 * 255)
 
 
-def samples_to_images(model, x: torch.Tensor) -> torch.Tensor:
-    """Samples x (B, D) of an image model -> pixels (B, H, W, C) uint8."""
+def levels_tensor(model, x: torch.Tensor) -> torch.Tensor:
+    """Samples x (B, D) of an image model -> their levels (B, D) long in 0..S-1 on CPU; an LsdError if masked."""
     from lsdtool.diffusion import graph_of
 
-    c, h, w = shape_of(model)
+    shape_of(model)
     graph = graph_of(model)
     x = x.long().cpu()
     if graph.mask_id is not None and bool((x == graph.mask_id).any()):
         raise LsdError("a sample still holds masked positions; it is no image (sample with more steps)")
-    return to_pixels(graph.real_index(x), levels_of(model)).reshape(-1, c, h, w).permute(0, 2, 3, 1).contiguous()
+    return graph.real_index(x)
+
+
+def samples_to_images(model, x: torch.Tensor) -> torch.Tensor:
+    """Samples x (B, D) of an image model -> pixels (B, H, W, C) uint8."""
+    c, h, w = shape_of(model)
+    return to_pixels(levels_tensor(model, x), levels_of(model)).reshape(-1, c, h, w).permute(0, 2, 3, 1).contiguous()
 
 
 def grid(images: torch.Tensor, cols: int | None = None, pad: int = 2, fill: int = 255) -> torch.Tensor:

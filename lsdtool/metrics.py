@@ -270,7 +270,9 @@ def plugin_factory(spec: str):
 # name -> factory(model=, device=, eval_model=, batch_size=, local_files_only=, reference=, inception_weights=) -> metric
 BUILTIN_METRICS = {"countdown": countdown_metric, "gen-ppl": gen_ppl_metric,
                    "fid": plugin_factory("lsdtool.metrics_image:fid_metric"),
-                   "kid": plugin_factory("lsdtool.metrics_image:kid_metric")}
+                   "kid": plugin_factory("lsdtool.metrics_image:kid_metric"),
+                   "fd-digits": plugin_factory("lsdtool.metrics_digits:fd_digits_metric"),
+                   "kid-digits": plugin_factory("lsdtool.metrics_digits:kid_digits_metric")}
 
 
 def resolve_metric(spec: str, **context):
@@ -292,7 +294,7 @@ def resolve_metric(spec: str, **context):
     return PerSampleMetric(fn, spec, spec.rpartition(":")[2], identity=f"{spec}@{digest}")
 
 
-TASK_METRICS = {"countdown": "countdown"}  # a model's task -> the metric compare uses by default
+TASK_METRICS = {"countdown": "countdown", "digits": "fd-digits"}  # a model's task -> the metric compare uses by default
 
 
 def default_metric(model, eval_model: str | None = None) -> str:

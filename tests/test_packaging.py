@@ -57,6 +57,9 @@ def test_the_wheel_ships_the_recipes_and_finds_them_installed(tmp_path):
         names = set(z.namelist())
     assert inside == shipped and "countdown.toml" in inside
     assert {f"lsdtool/models/embedded/countdown-net/{f}" for f in ("config.json", "model.safetensors")} <= names
+    digits = "lsdtool/models/embedded/digits-net/"
+    assert {digits + f for f in ("config.yaml", "ckpt_0000003000.safetensors", "classifier.safetensors",
+                                 "heldout.safetensors")} <= names
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(tmp_path / "site")

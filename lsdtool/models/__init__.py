@@ -28,7 +28,7 @@ def load(name_or_path: str, device=None, offline: bool | None = None, trust_remo
         from lsdtool.models.tauldr import load_tauldr
 
         model = load_tauldr(name_or_path)
-        source = os.path.abspath(name_or_path)
+        source = name_or_path if name_or_path in REGISTRY else os.path.abspath(name_or_path)
     elif (found := dllm.find(name_or_path, offline)) is not None:  # a transformers masked diffusion LM
         model = dllm.load(name_or_path, found, trust_remote_code=trust_remote_code, device=device)
         source = os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path

@@ -252,14 +252,23 @@ def _config_in(directory: Path) -> Path | None:
     return None
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".safetensors")  # tauLDR's pickle; the EMA weights alone as safetensors (ours)
+
+
 def _checkpoint_in(directory: Path) -> Path | None:
-    return _newest(directory, "ckpt_*.pt") or _newest(directory / "checkpoints", "ckpt_*.pt")
+    for d in (directory, directory / "checkpoints"):
+        found = sorted(p for s in CHECKPOINT_SUFFIXES for p in d.glob(f"ckpt_*{s}") if p.is_file())
+        if found:
+            return found[-1]
+    return None
 
 
 def find_tauldr(path: str) -> tuple[Path, Path] | None:
     """(config, checkpoint) when ``path`` is a tauLDR folder or a checkpoint file beside its config, else None."""
+    if REGISTRY.get(path, "") is None and (EMBEDDED_DIR / path / "config.yaml").is_file():
+        path = str(EMBEDDED_DIR / path)  # an embedded tauLDR model (digits-net)
     p = Path(path).expanduser()
-    if p.is_file() and p.suffix == ".pt":
+    if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES:
         config = _config_in(p.parent) or _config_in(p.parent.parent)
         return (config, p) if config is not None else None
     if not p.is_dir():
@@ -272,7 +281,7 @@ def locate_tauldr(path: str) -> Located:
     """The files, name and fingerprint of a tauLDR checkpoint at ``path``; LsdError if there is none."""
     found = find_tauldr(path)
     if found is None:
-        raise LsdError(f"{path} holds no tauLDR checkpoint (a config yaml with ckpt_*.pt, or config/ and checkpoints/)")
+        raise LsdError(f"{path} holds no tauLDR checkpoint (a config yaml with ckpt_*.pt or ckpt_*.safetensors, or config/ and checkpoints/)")
     config, ckpt = found
     run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     return Located(run.resolve().name, config, ckpt, f"tauldr:sha256:{weight_digest(ckpt)}", BY_NAME["tauldr"], {})

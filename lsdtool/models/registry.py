@@ -8,6 +8,7 @@ REGISTRY: dict[str, str | None] = {
     "countdown": None,
     "countdown-net": None,
     "countdown-dllm": None,  # a transformers masked diffusion LM in the LLaDA layout (lsdtool.models.dllm)
+    "digits-net": None,  # a tauLDR image model of scikit-learn's 8x8 digits (config.yaml + EMA safetensors)
     "sedd-small": "louaaron/sedd-small",
     "sedd-medium": "louaaron/sedd-medium",
     "radd-lambda-dce": "JingyangOu/radd-lambda-dce",

@@ -19,7 +19,7 @@ from lsdtool.diffusion.gaussian import Gaussian, TimeChange
 from lsdtool.errors import LsdError
 from lsdtool.models.base import DiffusionModel
 from lsdtool.models.ddit import NEVER, freeze, load_weights
-from lsdtool.models.loading import construct
+from lsdtool.models.loading import construct, read_weights
 from lsdtool.models.locate import first_line, locate_tauldr
 from lsdtool.models.unet import UNet
 
@@ -126,6 +126,7 @@ class TauLDR(DiffusionModel):
                               float(m["time_exponential"]))
         self.noise = TimeChange(self.graph)
         self.fix_logistic = bool(m.get("fix_logistic", False))
+        self.task = str(config["task"]) if config.get("task") is not None else None
         self.net = UNet(ch=int(m["ch"]), ch_mult=m["ch_mult"], num_res_blocks=int(m["num_res_blocks"]),
                         input_channels=self.shape[0], attn_scale=int(m["scale_count_to_put_attn"]),
                         data_min_max=m["data_min_max"], dropout=float(m["dropout"]),
@@ -192,8 +193,13 @@ def load_tauldr(path: str, ema: bool = True) -> TauLDR:
 def build(config, found, ema: bool = True) -> TauLDR:
     """The families-table builder: the adapter of the located checkpoint (its yaml config read here)."""
     config = read_yaml_config(found.config_path)
-    ckpt = read_checkpoint(found.weight_path)
-    state = ema_state(ckpt, found.weight_path) if ema else raw_state(ckpt)
+    if found.weight_path.suffix == ".safetensors":
+        if not ema:
+            raise LsdError(f"{found.weight_path} holds the EMA weights only")
+        state = _net_tensors(read_weights(found.weight_path))
+    else:
+        ckpt = read_checkpoint(found.weight_path)
+        state = ema_state(ckpt, found.weight_path) if ema else raw_state(ckpt)
     model = construct(TauLDR, config, found, "tauLDR")
     load_weights(model.net, state, f"{found.weight_path} (for the config {found.config_path.name})")
     freeze(model.net)

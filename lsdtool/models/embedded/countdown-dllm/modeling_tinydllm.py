@@ -1,5 +1,5 @@
 """A small bidirectional transformer that predicts x0 logits from a partly masked sequence (the LLaDA
-layout: forward(input_ids, attention_mask) -> .logits (B, L, V), no time input).
+layout: forward(input_ids, attention_mask) -> .logits (B, L, V), no time input, rotary positions).
 
 Loaded by transformers as remote code (``auto_map`` in config.json); needs only torch and transformers.
 ``attention_mask``: None (every position sees every other), (B, L) 0/1 (keys with 0 are hidden) or
@@ -19,12 +19,19 @@ class TinyDllmConfig(PretrainedConfig):
     model_type = "tinydllm"
 
     def __init__(self, vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=256, max_position_embeddings=512, mask_token_id=None, **kwargs):
+                 intermediate_size=256, max_position_embeddings=512, mask_token_id=None, rope_theta=10000.0,
+                 **kwargs):
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
         self.intermediate_size, self.max_position_embeddings = intermediate_size, max_position_embeddings
-        self.mask_token_id = mask_token_id
+        self.mask_token_id, self.rope_theta = mask_token_id, rope_theta
         super().__init__(**kwargs)
+
+
+def rotate(x, cos, sin):
+    """Rotary position embedding (RoFormer eq. 34) on (B, H, L, Dh) with (L, Dh/2) angles' cos and sin."""
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2)
 
 
 class Block(nn.Module):
@@ -37,10 +44,10 @@ class Block(nn.Module):
         self.up = nn.Linear(c.hidden_size, c.intermediate_size)
         self.down = nn.Linear(c.intermediate_size, c.hidden_size)
 
-    def forward(self, h, mask):
+    def forward(self, h, mask, cos, sin):
         b, l, d = h.shape
         q, k, v = self.qkv(self.ln1(h)).view(b, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        a = F.scaled_dot_product_attention(rotate(q, cos, sin), rotate(k, cos, sin), v, attn_mask=mask)
         h = h + self.out(a.transpose(1, 2).reshape(b, l, d))
         return h + self.down(F.gelu(self.up(self.ln2(h))))
 
@@ -53,7 +60,6 @@ class TinyDllmModel(PreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.pos = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.ln = nn.LayerNorm(config.hidden_size)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
@@ -67,12 +73,16 @@ class TinyDllmModel(PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
         b, l = input_ids.shape
-        h = self.embed(input_ids) + self.pos(torch.arange(l, device=input_ids.device))
+        h = self.embed(input_ids)
+        half = self.config.hidden_size // self.config.num_attention_heads // 2
+        freq = self.config.rope_theta ** (-torch.arange(half, device=h.device, dtype=torch.float32) / half)
+        angle = torch.arange(l, device=h.device, dtype=torch.float32)[:, None] * freq
+        cos, sin = angle.cos().to(h.dtype), angle.sin().to(h.dtype)
         mask = None
         if attention_mask is not None:
             mask = attention_mask.bool()
             if mask.dim() == 2:
                 mask = mask[:, None, None, :]
         for block in self.blocks:
-            h = block(h, mask)
+            h = block(h, mask, cos, sin)
         return MaskedLMOutput(logits=self.lm_head(self.ln(h)))
