@@ -97,7 +97,7 @@ def test_a_metric_file_path_and_the_api_function_form(plugin, tmp_path, countdow
     ("my_metrics:wrong_shape", "metric my_metrics:wrong_shape returned shape (6, 2) for 'wrong_shape'; expected (6,)"),
     ("my_metrics:absent", "metric my_metrics:absent: my_metrics has no function 'absent'"),
     ("no_such_module_xyz:f", "metric no_such_module_xyz:f: cannot import no_such_module_xyz (ModuleNotFoundError"),
-    ("nonsense", "unknown metric 'nonsense': use countdown, gen-ppl, fid, kid or MODULE:FUNCTION"),
+    ("nonsense", "unknown metric 'nonsense': use countdown, gen-ppl, fid, kid, fd-digits, kid-digits or MODULE:FUNCTION"),
 ])
 def test_a_broken_metric_is_one_line_naming_it(plugin, tmp_path, spec, needle):
     out = run("compare", "--model", "countdown", "--samplers", "euler", "--steps", 2, "-n", 6, "--no-teacher",
@@ -109,7 +109,7 @@ def test_a_broken_metric_is_one_line_naming_it(plugin, tmp_path, spec, needle):
 
 
 def test_builtins_are_registered_like_user_metrics(countdown):
-    assert set(BUILTIN_METRICS) == {"countdown", "gen-ppl", "fid", "kid"}
+    assert set(BUILTIN_METRICS) == {"countdown", "gen-ppl", "fid", "kid", "fd-digits", "kid-digits"}
     m = make_metrics("countdown", model=countdown, device="cpu")
     assert isinstance(m, PerSampleMetric) and m.primary == "error"
     x = torch.tensor([[3, 2, 1, 0, 5, 9], [1, 0, 2, 1, 0, 0]])
