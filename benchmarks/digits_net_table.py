@@ -44,8 +44,8 @@ def evaluate(model, sampler, metric, n: int, seeds: list[int], device, batch: in
     for seed in seeds:
         x = torch.cat([x for _, x in batches(model, sampler, range(n), seed, batch, device)])
         first = x if first is None else first
-        per_seed.append(metric(x))
         feats.append(metric.features(levels_tensor(model, x).reshape(-1, 8, 8)))
+        per_seed.append(metric.figures(feats[-1]))
     seconds = time.perf_counter() - start
     fd, fd_se = mean_se(torch.tensor([r["fd-digits"] for r in per_seed], dtype=torch.float64))
     h, h_se = mean_se(torch.tensor([r["class_entropy"] for r in per_seed], dtype=torch.float64))

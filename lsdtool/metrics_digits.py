@@ -119,10 +119,13 @@ class DigitsEval:
 
     def __call__(self, x: torch.Tensor) -> dict:
         from lsdtool import images
+
+        return self.figures(self.features(images.levels_tensor(self.model, x).reshape(-1, 8, 8)))
+
+    def figures(self, f: torch.Tensor) -> dict:
+        """fd-digits, kid-digits (± s.e.) and the class entropy of sample features (N, 64)."""
         from lsdtool.metrics_image import frechet_distance, kid, statistics
 
-        levels = images.levels_tensor(self.model, x).reshape(-1, 8, 8)
-        f = self.features(levels)
         if f.shape[0] < 2:
             raise LsdError(f"{self.kind} needs at least 2 samples")
         mu, sigma = statistics(f)
