@@ -26,7 +26,7 @@ from lsdtool import recipes, rng, steprules
 from lsdtool.errors import LsdError
 from lsdtool.sharding import shard_range
 from lsdtool.diffusion import graph_of
-from lsdtool.samplers import DEFAULT_EPS, Sampler, iterate, uniform_grid
+from lsdtool.samplers import DEFAULT_EPS, Sampler, iterate, sample, uniform_grid
 
 _NLL_BLOCK = 1 << 24  # float64 elements (128 MiB) of step probabilities per back-propagated block
 _PAPER_MEMORY = 2 << 30  # bytes of cached teacher mass the paper objective may hold
@@ -377,6 +377,49 @@ def best_path(cost: torch.Tensor, steps: int) -> list[int]:
     return path[::-1]
 
 
+def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """2 E|X - Y| - E|X - X'| - E|Y - Y'| (Szekely and Rizzo) between sample sets x (n, D) and y (m, D), float64."""
+    x, y = x.double(), y.double()
+    return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
+
+
+def search_grid(rollout: TeacherRollout, recipe: dict, start: list[int], sweeps: int = 3, tries: int = 8):
+    """LSD+ for Poisson-jump (ordinal) kernels: coordinate descent of the inner grid points over the candidate
+    boundaries, minimising the energy distance between the student's final samples (Phi = 1, run from the
+    teacher's start states with one seed for every grid) and the teacher's. The teacher-path likelihood cannot
+    choose this grid: it charges nats for every jump of the mixing phase, where errors are forgotten, and
+    almost nothing for the few late jumps that make the image. Returns (path, [loss of start], [loss of path])."""
+    levels = rollout.graph.n_real - 1
+    teacher = rollout.final.to(torch.float64) / levels
+    seen: dict[tuple, float] = {}
+
+    def loss(path: list[int]) -> float:
+        key = tuple(path)
+        if key not in seen:
+            sampler = Sampler(rollout.times[path].clone(), torch.ones(len(path) - 1, dtype=torch.float64),
+                              recipe["base"], recipe["mode"])
+            finals = []
+            for rows in _batches(rollout.n_samples, recipe["batch"]):
+                index = torch.arange(rows.start, rows.stop, device=rollout.device)
+                finals.append(sample(rollout.model, sampler, index, recipe["seed"] + 1,
+                                     x_init=rollout.states[0, rows].to(rollout.device)).cpu())
+            seen[key] = energy_distance(torch.cat(finals).to(torch.float64) / levels, teacher)
+        return seen[key]
+
+    path, best = list(start), loss(start)
+    for _ in range(sweeps):
+        moved = False
+        for i in range(1, len(path) - 1):
+            lo, hi = path[i - 1] + 1, path[i + 1] - 1
+            for c in torch.linspace(lo, hi, min(tries, hi - lo + 1)).round().long().unique().tolist():
+                trial = path[:i] + [c] + path[i + 1 :]
+                if loss(trial) < best:
+                    path, best, moved = trial, loss(trial), True
+        if not moved:
+            break
+    return path, [loss(start)], [best]
+
+
 def interval_nll(rollout: TeacherRollout, a: int, b: int, coeff: torch.Tensor, recipe: dict, final: bool, rows,
                  grad_scale: float | None = None) -> torch.Tensor:
     """-sum log p_student(x*_b | x*_a) for one student step t_a -> t_b with coefficient ``coeff``, over
@@ -458,7 +501,10 @@ def fit_teacher_path(rollout: TeacherRollout, recipe: dict) -> FitResult:
     uniform = rollout.uniform_path(steps)
     fit: dict = {}
     path = uniform
-    if recipe["plus"]:
+    if recipe["plus"] and steprules.rule(recipe["base"]).kernel == "poisson-jumps":
+        path, fit["schedule_loss_before"], fit["schedule_loss_after"] = search_grid(rollout, recipe, uniform)
+        fit["schedule_loss"] = "energy distance of the student's final samples to the teacher's (levels in [0, 1])"
+    elif recipe["plus"]:
         cost = decoding_costs(rollout, batch) if rollout.absorbing else kernel_costs(rollout, recipe, batch)
         path = blockwise_path(rollout, cost, steps) if rollout.options else best_path(cost, steps)
         per = lambda p: [float(cost[p[i], p[i + 1]]) / rollout.n_samples for i in range(steps)]  # noqa: E731

@@ -198,3 +198,30 @@ def test_distil_sample_and_compare_on_digits_net(tmp_path):
     assert result["protocol"]["metric"] == "fd-digits"
     cell = result["rows"][0]["metrics"]
     assert cell["fd-digits"] > 0 and 0 <= cell["class_entropy"] <= math.log(10) + 1e-9
+
+
+def test_energy_distance_by_hand():
+    from lsdtool.distillation import energy_distance
+
+    x, y = torch.tensor([[0.0], [1.0]]), torch.tensor([[2.0]])
+    assert energy_distance(x, y) == pytest.approx(2 * 1.5 - 0.5 - 0.0)  # 2 E|X-Y| - E|X-X'| - E|Y-Y'|
+    assert energy_distance(x, x) == pytest.approx(0.0)
+
+
+def test_lsd_plus_searches_an_ordinal_grid_that_beats_the_uniform_one_and_reports_it_truly(digits):
+    """The schedule search (energy distance of the student's finals to the teacher's) on digits-net: the grid
+    it keeps is a valid path, strictly better than the uniform grid by its loss, and that loss is what the
+    student's own finals give when sampled again independently of the search."""
+    from lsdtool import distillation, recipes
+    from lsdtool.samplers import Sampler, sample
+
+    recipe = recipes.complete({"base": "tau-leaping", "steps": 3, "plus": True, "teacher_steps": 32, "samples": 48,
+                               "batch": 48, "candidates": 16, "iters": 2, "seed": 3})
+    rollout = distillation.TeacherRollout(digits, recipe, torch.device("cpu"))
+    uniform = rollout.uniform_path(3)
+    path, before, after = distillation.search_grid(rollout, recipe, uniform)
+    assert path[0] == 0 and path[-1] == len(rollout.candidates) - 1 and path == sorted(set(path)) and len(path) == 4
+    assert after[0] < before[0] and path != uniform
+    student = Sampler(rollout.times[path].clone(), torch.ones(3, dtype=torch.float64), "tau-leaping", "score")
+    finals = sample(digits, student, torch.arange(48), recipe["seed"] + 1, x_init=rollout.states[0])
+    assert distillation.energy_distance(finals / 16.0, rollout.final / 16.0) == pytest.approx(after[0], rel=1e-12)
