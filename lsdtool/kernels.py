@@ -122,30 +122,71 @@ class StayOrJump(Kernel):
     coeff: torch.Tensor
     mode: str
     exact: Categorical
+    rate: float = 0.0  # the graph's constant reverse rate (uniform: 1/N)
+    dt_rate: torch.Tensor | None = None  # (t - s) sigma'(t), 0-d float64
     kind = "categorical"
 
     def log_prob(self, graph, noise, log_score, x, y, *extra):
         return self.exact.log_prob(graph, noise, log_score, x, y, *extra)
 
+    def probs_into(self, log_score: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``exact``'s rows (R, V) float64 (Euler's one_hot(x) + dt R_hat(x, Phi s), clamped and renormalised)
+        computed op for op as :func:`lsdtool.samplers.step_rows` does, in ``out`` without other (R, V) temporaries."""
+        at = x[:, None]
+        out.copy_(log_score)
+        if self.mode == "temperature":
+            out.mul_(self.coeff).exp_()
+        elif self.coeff.device.type != "cpu" or float(self.coeff) != 1.0:  # s * 1 is s: skip the pass
+            out.exp_().mul_(self.coeff)
+        else:
+            out.exp_()
+        out.scatter_(-1, at, 1.0).mul_(self.rate).scatter_(-1, at, 0.0)  # the off-diagonal rates rate * s_y
+        out.scatter_(-1, at, -out.sum(-1, keepdim=True)).mul_(self.dt_rate)
+        out.scatter_(-1, at, out.gather(-1, at) + 1.0).clamp_min_(0.0)
+        return out.div_(out.sum(-1, keepdim=True).clamp_min(1e-300))
+
+    def draw(self, log_score: torch.Tensor, x: torch.Tensor, u: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        """Tokens (R,) of rows log_score (R, V) by inverse CDF in float64 (the full-row :func:`draw`), ``buf``
+        (at least R, V) float64 holding the rows and their CDF."""
+        cdf = self.probs_into(log_score, x, buf[: x.shape[0]]).cumsum_(-1)
+        found = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+        return found.clamp_max(cdf.shape[-1] - 1)
+
     def stays(self, log_score: torch.Tensor, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """(R,) bool: rows certain to keep their token for uniforms u (R,); log_score (R, V)."""
+        """(R,) bool: rows certain to keep their token for uniforms u (R,); log_score (R, V).
+
+        x's segment is [A, A + 1 - jump) with 0 <= A <= jump, so a row whose goal lies in [jump, 1 - jump) stays
+        whatever A is: on a CPU only the other rows sum A (on a GPU every row does, in fixed shapes)."""
         width = log_score.shape[1]
         out = torch.zeros_like(u, dtype=torch.bool)
         blocks = _row_blocks(torch.arange(x.shape[0], device=x.device), width)
         work = torch.empty(blocks[0].stop, width, dtype=torch.float32, device=x.device)
         cols = torch.arange(width, device=x.device)
+        cpu = x.device.type == "cpu"
         for b in blocks:
             w = _weights(log_score[b].detach(), self.coeff, self.mode, work[: b.stop - b.start])
             w.scatter_(-1, x[b, None], 0.0)
             total = w.sum(-1, dtype=torch.float64)
-            before = torch.where(cols[None, :] < x[b, None], w, 0.0).sum(-1, dtype=torch.float64)
-            jump, a = self.scale * total, self.scale * before
+            jump = self.scale * total
             zed = jump.clamp_min(1.0)
-            goal = u[b] * zed
-            hi = a + (1 - jump).clamp_min(0.0)
-            band = _GUARD * zed
+            goal, band = u[b] * zed, _GUARD * zed
             ok = torch.isfinite(total) & (jump < 1 - 1e-6)
-            out[b] = ok & (goal >= a + band) & (goal < hi - band)
+            if cpu:
+                sure = ok & (goal >= jump + band) & (goal < 1 - jump - band)
+                rest = (ok & ~sure).nonzero().squeeze(-1)
+            else:
+                sure, rest = ok, None
+            w_rest, x_rest = (w, x[b]) if rest is None else (w[rest], x[b][rest])
+            before = torch.where(cols[None, :] < x_rest[:, None], w_rest, 0.0).sum(-1, dtype=torch.float64)
+            a = self.scale * before
+            hi = a + (1 - (jump if rest is None else jump[rest])).clamp_min(0.0)
+            g, bd = (goal, band) if rest is None else (goal[rest], band[rest])
+            decided = (g >= a + bd) & (g < hi - bd)
+            if rest is None:
+                out[b] = sure & decided
+            else:
+                sure[rest] = decided
+                out[b] = sure
         return out
 
 
@@ -220,6 +261,15 @@ def _gather(real: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> torch.
         if int(rows[-1]) - first + 1 == n:
             return real[first : first + n]
     return torch.index_select(real, 0, rows, out=buf[:n])
+
+
+def take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """t[rows], a view when the rows are consecutive (checked on CPU only, where the check costs no sync)."""
+    if rows.device.type == "cpu" and rows.numel():
+        first = int(rows[0])
+        if int(rows[-1]) - first + 1 == rows.numel():
+            return t[first : first + rows.numel()]
+    return t[rows]
 
 
 def _row_sums(real: torch.Tensor, rows: torch.Tensor, coeff, mode: str, dtype) -> torch.Tensor:

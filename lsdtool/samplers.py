@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from lsdtool import artifacts, rng, steprules
 from lsdtool.blocks import greedy_rows, guided, layout
 from lsdtool.diffusion import Graph, Noise, graph_of
-from lsdtool.kernels import (_CHUNK_ELEMS, Categorical, Kernel, MaskedCategorical, PoissonJumps, StayOrJump, _chunk_elems,
+from lsdtool.kernels import (_CHUNK_ELEMS, Categorical, Kernel, MaskedCategorical, PoissonJumps, StayOrJump, _chunk_elems, take_rows,
                              chunk_rows, denoise_kernel, draw, masked_kernel, normalise)
 from lsdtool.grids import grid_problem, options_problem
 
@@ -193,9 +193,10 @@ def stay_or_jump_kernel(graph: Graph, noise: Noise, t, s, base, coeff, mode, fin
     coeff, t, s = coeff.reshape(()), t.reshape(()), s.reshape(())
     if mode == "score" and not (bool(coeff > 0) if positive is None else positive):
         return None
-    c = (t - s) * noise.rate(t) * rate
+    dt_rate = (t - s) * noise.rate(t)
+    c = dt_rate * rate
     exact = Categorical(step_rows, (t, s, base, coeff, mode, final))
-    return StayOrJump(c * coeff if mode == "score" else c, coeff, mode, exact)
+    return StayOrJump(c * coeff if mode == "score" else c, coeff, mode, exact, rate, dt_rate)
 
 
 def step_rows(graph: Graph, noise: Noise, log_score, x, t, s, base="euler", coeff=1.0, mode="score", final=False):
@@ -448,16 +449,16 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
             x_flat[rows] = kernel.draw(lam, x_flat[rows], uniforms(rows, levels[None, :]))
         return x_flat.reshape(x.shape)
     if isinstance(kernel, StayOrJump):  # decide the rows that stay from two float32 sums; draw the others exactly
-        canon = graph.canonical_graph()
         chunk = chunk_rows(_CHUNK_ELEMS, v, idx.numel())
+        buf = None
         for start in range(0, idx.numel(), chunk):
             rows = idx[start : start + chunk]
             u = uniforms(rows)
-            go = ~kernel.stays(ls_flat[rows], x_flat[rows], u)
+            go = ~kernel.stays(take_rows(ls_flat, rows), x_flat[rows], u)
             if bool(go.any()):
                 moving_rows = rows[go]
-                probs = kernel.exact.probs(canon, model.noise, ls_flat[moving_rows].detach(), x_flat[moving_rows])
-                x_flat[moving_rows] = draw(probs, u[go])
+                buf = torch.empty(chunk, v, dtype=torch.float64, device=x.device) if buf is None else buf
+                x_flat[moving_rows] = kernel.draw(ls_flat[moving_rows].detach(), x_flat[moving_rows], u[go], buf)
         return x_flat.reshape(x.shape)
     if not isinstance(kernel, Categorical):
         raise TypeError(f"advance has no draw for {type(kernel).__name__}")

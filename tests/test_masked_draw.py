@@ -170,3 +170,23 @@ def test_uniform_euler_keeps_the_full_row_draw_for_every_uniform(args):
     fast = advance(model, kernel, model.log_score(xs, None), xs, (5, torch.arange(n), 1), None)
     slow = advance(model, kernel.exact, model.log_score(xs, None), xs, (5, torch.arange(n), 1), None)
     assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("mode,coeff", [("score", 1.0), ("score", 0.55), ("temperature", 1.3)])
+@pytest.mark.parametrize("rows,width", [(1, 50257), (7, 50257), (33, 97), (300, 8)])
+def test_uniform_movers_rows_are_the_full_rows_bit_for_bit(mode, coeff, rows, width):
+    """The movers' fused float64 rows (one buffer) equal step_rows' bit for bit, and so do their draws."""
+    from lsdtool.diffusion import Uniform
+    from lsdtool.samplers import stay_or_jump_kernel
+
+    graph, noise = Uniform(width), LogLinear(1e-3)
+    g = torch.Generator().manual_seed(rows)
+    ls = (torch.randn(rows, width, generator=g) * 2.0 - 1.0).float()
+    x = torch.randint(0, width, (rows,), generator=g)
+    ls = ls.scatter(-1, x[:, None], 0.0)
+    kernel = stay_or_jump_kernel(graph, noise, 0.8, 0.55, "euler", coeff, mode, False)
+    want = kernel.exact.probs(graph, noise, ls, x)
+    buf = torch.empty(rows + 3, width, dtype=torch.float64)
+    assert torch.equal(kernel.probs_into(ls, x, buf[:rows]), want)
+    u = torch.rand(rows, generator=g, dtype=torch.float64)
+    assert torch.equal(kernel.draw(ls, x, u, buf), draw(want, u))
