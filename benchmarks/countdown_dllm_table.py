@@ -2,7 +2,7 @@
 
 Each sample is a 64-token prompt (the start of a held-out countdown sequence) followed by 192 generated
 tokens in blocks of 32 (6 blocks). Rows: LLaDA's default (``confidence``, the same number of tokens at
-every step of a block, low-confidence remasking) and LSD+ distilled on other prompts (the teacher: one
+every step of a block, low-confidence remasking), LSD+ distilled on other prompts and that teacher itself (one
 token per step), at each number of calls. Figures per held-out seed: the countdown error of the whole
 sequence (mean and standard error over samples) and the diversity of the generated part (entropy across
 samples, averaged over positions). Both samplers draw candidates at temperature 1.
@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=256, help="teacher trajectories for distillation")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-teacher", dest="teacher", action="store_false",
+                    help="skip the teacher row (one token per call, GEN calls)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from lsdtool import api, metrics
@@ -59,14 +61,16 @@ def main(argv=None) -> int:
                                    candidates=GEN, iters=20, **keys)
             distil_s = time.time() - start
             plain = Sampler.plain(calls, "confidence", options={"gen_length": GEN, "block_length": BLOCK})
-            for name, sampler in (("llada-default", plain), ("lsd+", lsd_plus)):
+            teacher = Sampler.plain(GEN, "confidence", options={"gen_length": GEN, "block_length": BLOCK})
+            runs = [("teacher", teacher)] if args.teacher and calls == args.calls[0] else []
+            for name, sampler in runs + [("llada-default", plain), ("lsd+", lsd_plus)]:
                 for seed in args.seeds:
                     held = Path(tmp) / f"held{seed}.jsonl"
                     write_prompts(held, args.n, 20_000 + seed)
                     x = api.sample(model, sampler, args.n, seed, prompts=held, batch_size=args.batch_size)
                     err = metrics.countdown_error_rows(x)["error"]
                     mean, se = metrics.mean_se(err)
-                    rows.append({"sampler": name, "calls": calls, "seed": seed, "n": args.n, "error": mean, "error_se": se,
+                    rows.append({"sampler": name, "calls": sampler.nfe, "seed": seed, "n": args.n, "error": mean, "error_se": se,
                                  "diversity": metrics.position_entropy(x[:, PROMPT:]),
                                  **({"distil_seconds": round(distil_s, 1)} if name == "lsd+" else {})})
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
