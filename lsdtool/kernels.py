@@ -112,11 +112,16 @@ class CommitByScore(Kernel):
 
 @dataclass(frozen=True, eq=False)
 class StayOrJump(Kernel):
-    """Euler on a graph whose reverse rate to every other token is scale w_y (uniform: scale = c Phi / N):
-    p_y = scale w_y (y != x), p_x = 1 - scale sum w, clamped and renormalised. A row stays iff its uniform
-    falls in x's segment of the CDF, [A, A + p_x) times Z = max(scale sum w, 1), A = scale sum_{y < x} w_y:
-    two float32 sums decide that for all but the rows within a relative band of a boundary; the rows that
-    move (or are too close to call) are drawn from the ``exact`` full rows, so every token is the full-row draw."""
+    """Euler or Tweedie on a graph whose rows are one affine function of the scores off the diagonal.
+
+    - euler (uniform: scale = c Phi / N): p_y = scale w_y (y != x), p_x = 1 - scale sum w;
+    - tweedie (uniform, ``tweedie`` = (e^{dsigma}, off) with off = (1 - e^{-dsigma}) / N): p_y =
+      max(e w_y + (1 - e) S / N, 0) off (y != x), S = sum_y w_y with w_x = 1, p_x from the diagonal;
+
+    clamped and renormalised (total Z). A row stays iff its uniform falls in x's segment of the CDF,
+    [A, A + p_x) / Z with A the mass before x: float32 passes decide that for all but the rows within a
+    relative band of a boundary; the rows that move (or are too close to call) are drawn from the ``exact``
+    full rows, so every token is the full-row draw."""
 
     scale: torch.Tensor
     coeff: torch.Tensor
@@ -124,6 +129,7 @@ class StayOrJump(Kernel):
     exact: Categorical
     rate: float = 0.0  # the graph's constant reverse rate (uniform: 1/N)
     dt_rate: torch.Tensor | None = None  # (t - s) sigma'(t), 0-d float64
+    tweedie: tuple | None = None  # (e^{dsigma}, off), 0-d float64 each: the Tweedie form
     kind = "categorical"
 
     def log_prob(self, graph, noise, log_score, x, y, *extra):
@@ -145,18 +151,39 @@ class StayOrJump(Kernel):
         out.scatter_(-1, at, out.gather(-1, at) + 1.0).clamp_min_(0.0)
         return out.div_(out.sum(-1, keepdim=True).clamp_min(1e-300))
 
-    def draw(self, log_score: torch.Tensor, x: torch.Tensor, u: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    def draw(self, graph, noise, log_score: torch.Tensor, x: torch.Tensor, u: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
         """Tokens (R,) of rows log_score (R, V) by inverse CDF in float64 (the full-row :func:`draw`), ``buf``
-        (at least R, V) float64 holding the rows and their CDF."""
+        (at least R, V) float64 holding Euler's rows and their CDF."""
+        if self.tweedie is not None:
+            return draw(self.exact.probs(graph, noise, log_score, x), u)
         cdf = self.probs_into(log_score, x, buf[: x.shape[0]]).cumsum_(-1)
         found = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
         return found.clamp_max(cdf.shape[-1] - 1)
 
+    def _masses(self, ls: torch.Tensor, x: torch.Tensor, work: torch.Tensor):
+        """Float32 masses m (R, V) (0 at x) in ``work``, their factor f (0-d), the row total Z and p_x (R,)
+        float64 and the relative band of the float32 error: the rows are f m_y off x and p_x at x."""
+        w = _weights(ls.detach(), self.coeff, self.mode, work)
+        if self.tweedie is None:
+            w.scatter_(-1, x[:, None], 0.0)
+            jump = self.scale * w.sum(-1, dtype=torch.float64)
+            return w, self.scale, jump.clamp_min(1.0), (1 - jump).clamp_min(0.0), _GUARD
+        e, off = self.tweedie
+        n = w.shape[1]
+        if self.mode == "score":  # Phi s_y (Euler folds Phi into its scale)
+            w.mul_(self.coeff.to(w.dtype))
+        w.scatter_(-1, x[:, None], 1.0)
+        shift = (1 - e) / n * w.sum(-1, dtype=torch.float64)  # (R,)
+        p_x = ((e + shift) * (1 - (n - 1) * off)).clamp_min(0.0)
+        w.mul_(e.to(w.dtype)).add_(shift.to(w.dtype)[:, None]).clamp_min_(0.0).scatter_(-1, x[:, None], 0.0)
+        total = off * w.sum(-1, dtype=torch.float64) + p_x  # sum of the clamped rows >= S, so float32's error
+        return w, off, total, p_x, max(_GUARD, 256 * 2.0**-24 * float(2 * e - 1))  # is this relative to Z
+
     def stays(self, log_score: torch.Tensor, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """(R,) bool: rows certain to keep their token for uniforms u (R,); log_score (R, V).
 
-        x's segment is [A, A + 1 - jump) with 0 <= A <= jump, so a row whose goal lies in [jump, 1 - jump) stays
-        whatever A is: on a CPU only the other rows sum A (on a GPU every row does, in fixed shapes)."""
+        x's segment is [A, A + p_x) with 0 <= A <= Z - p_x, so a row whose goal u Z lies in [Z - p_x, p_x)
+        stays whatever A is: on a CPU only the other rows sum A (on a GPU every row does, in fixed shapes)."""
         width = log_score.shape[1]
         out = torch.zeros_like(u, dtype=torch.bool)
         blocks = _row_blocks(torch.arange(x.shape[0], device=x.device), width)
@@ -164,22 +191,17 @@ class StayOrJump(Kernel):
         cols = torch.arange(width, device=x.device)
         cpu = x.device.type == "cpu"
         for b in blocks:
-            w = _weights(log_score[b].detach(), self.coeff, self.mode, work[: b.stop - b.start])
-            w.scatter_(-1, x[b, None], 0.0)
-            total = w.sum(-1, dtype=torch.float64)
-            jump = self.scale * total
-            zed = jump.clamp_min(1.0)
-            goal, band = u[b] * zed, _GUARD * zed
-            ok = torch.isfinite(total) & (jump < 1 - 1e-6)
+            w, factor, zed, p_x, rel = self._masses(log_score[b], x[b], work[: b.stop - b.start])
+            goal, band = u[b] * zed, rel * zed
+            ok = torch.isfinite(zed) & (p_x > 1e-6 * zed)
             if cpu:
-                sure = ok & (goal >= jump + band) & (goal < 1 - jump - band)
+                sure = ok & (goal >= zed - p_x + band) & (goal < p_x - band)
                 rest = (ok & ~sure).nonzero().squeeze(-1)
             else:
                 sure, rest = ok, None
             w_rest, x_rest = (w, x[b]) if rest is None else (w[rest], x[b][rest])
-            before = torch.where(cols[None, :] < x_rest[:, None], w_rest, 0.0).sum(-1, dtype=torch.float64)
-            a = self.scale * before
-            hi = a + (1 - (jump if rest is None else jump[rest])).clamp_min(0.0)
+            a = factor * torch.where(cols[None, :] < x_rest[:, None], w_rest, 0.0).sum(-1, dtype=torch.float64)
+            hi = a + (p_x if rest is None else p_x[rest])
             g, bd = (goal, band) if rest is None else (goal[rest], band[rest])
             decided = (g >= a + bd) & (g < hi - bd)
             if rest is None:

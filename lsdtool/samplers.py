@@ -183,19 +183,25 @@ def _masked_rows(noise: Noise, log_score, t, s, base, coeff, mode, final):
 def stay_or_jump_kernel(graph: Graph, noise: Noise, t, s, base, coeff, mode, final,
                         positive: bool | None = None) -> StayOrJump | None:
     """The fast-decision kernel of an euler step on a graph whose reverse rates out of x are one constant
-    times the score (``graph.constant_rate``, uniform: 1/N), or None where it does not apply. ``positive``:
+    times the score (``graph.constant_rate``, uniform: 1/N), or of a tweedie step on the uniform graph, or
+    None where it does not apply. ``positive``:
     whether Phi > 0, when the caller knows it without asking the device."""
     rate = graph.constant_rate
     coeff, t, s = (torch.as_tensor(v, dtype=torch.float64) for v in (coeff, t, s))
-    if rate is None or base != "euler" or mode not in ("score", "temperature") or \
+    tweedie = base == "tweedie" and graph.name == "uniform"
+    if rate is None or not (base == "euler" or tweedie) or mode not in ("score", "temperature") or \
             max(coeff.numel(), t.numel(), s.numel()) != 1:
         return None
     coeff, t, s = coeff.reshape(()), t.reshape(()), s.reshape(())
     if mode == "score" and not (bool(coeff > 0) if positive is None else positive):
         return None
+    exact = Categorical(step_rows, (t, s, base, coeff, mode, final))
+    if tweedie:
+        dsigma = noise.total(t) - noise.total(s)
+        form = (torch.exp(dsigma), (1 - torch.exp(-dsigma)) / graph.vocab_size)
+        return StayOrJump(form[0], coeff, mode, exact, rate, None, form)
     dt_rate = (t - s) * noise.rate(t)
     c = dt_rate * rate
-    exact = Categorical(step_rows, (t, s, base, coeff, mode, final))
     return StayOrJump(c * coeff if mode == "score" else c, coeff, mode, exact, rate, dt_rate)
 
 
@@ -458,7 +464,7 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
             if bool(go.any()):
                 moving_rows = rows[go]
                 buf = torch.empty(chunk, v, dtype=torch.float64, device=x.device) if buf is None else buf
-                x_flat[moving_rows] = kernel.draw(ls_flat[moving_rows].detach(), x_flat[moving_rows], u[go], buf)
+                x_flat[moving_rows] = kernel.draw(graph, model.noise, ls_flat[moving_rows].detach(), x_flat[moving_rows], u[go], buf)
         return x_flat.reshape(x.shape)
     if not isinstance(kernel, Categorical):
         raise TypeError(f"advance has no draw for {type(kernel).__name__}")

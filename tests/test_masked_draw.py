@@ -132,8 +132,10 @@ def test_the_closed_form_log_prob_is_the_full_rows(rows_fn, args):
 # ---- the uniform graph: rows that stay are decided from float32 sums ------------------------------
 
 @pytest.mark.parametrize("args", [(0.6, 0.55, "euler", 1.0, "score", False), (0.3, 0.25, "euler", 0.7, "temperature", False),
-                                  (0.9, 0.2, "euler", 1.4, "score", True)])
-def test_uniform_euler_keeps_the_full_row_draw_for_every_uniform(args):
+                                  (0.9, 0.2, "euler", 1.4, "score", True), (0.6, 0.55, "tweedie", 1.0, "score", False),
+                                  (0.3, 0.25, "tweedie", 0.7, "temperature", False), (0.95, 0.6, "tweedie", 1.4, "score", True),
+                                  (0.99, 0.9, "tweedie", 1.0, "score", False)])
+def test_uniform_euler_and_tweedie_keep_the_full_row_draw_for_every_uniform(args):
     """Uniforms on a grid and a relative 1e-9 either side of every CDF boundary (including both ends of the
     stay segment): the fast decision plus exact movers gives exactly the full-row draw."""
     from lsdtool.diffusion import Uniform
@@ -189,4 +191,4 @@ def test_uniform_movers_rows_are_the_full_rows_bit_for_bit(mode, coeff, rows, wi
     buf = torch.empty(rows + 3, width, dtype=torch.float64)
     assert torch.equal(kernel.probs_into(ls, x, buf[:rows]), want)
     u = torch.rand(rows, generator=g, dtype=torch.float64)
-    assert torch.equal(kernel.draw(ls, x, u, buf), draw(want, u))
+    assert torch.equal(kernel.draw(graph, noise, ls, x, u, buf), draw(want, u))
