@@ -136,8 +136,9 @@ class StayOrJump(Kernel):
         return self.exact.log_prob(graph, noise, log_score, x, y, *extra)
 
     def probs_into(self, log_score: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``exact``'s rows (R, V) float64 (Euler's one_hot(x) + dt R_hat(x, Phi s), clamped and renormalised)
-        computed op for op as :func:`lsdtool.samplers.step_rows` does, in ``out`` without other (R, V) temporaries."""
+        """``exact``'s rows (R, V) float64 (Euler's one_hot(x) + dt R_hat(x, Phi s), or Tweedie's staggered score
+        times the transition, clamped and renormalised) computed op for op as :func:`lsdtool.samplers.step_rows`
+        does, in ``out`` without other (R, V) temporaries."""
         at = x[:, None]
         out.copy_(log_score)
         if self.mode == "temperature":
@@ -146,16 +147,23 @@ class StayOrJump(Kernel):
             out.exp_().mul_(self.coeff)
         else:
             out.exp_()
-        out.scatter_(-1, at, 1.0).mul_(self.rate).scatter_(-1, at, 0.0)  # the off-diagonal rates rate * s_y
+        out.scatter_(-1, at, 1.0)
+        if self.tweedie is not None:  # the staggered score e s + (1 - e) / N sum(s), times the transition's columns
+            e, off = self.tweedie
+            n = out.shape[1]
+            shift = (1 - e) / n * out.sum(-1, keepdim=True)
+            out.mul_(e).add_(shift)
+            at_x = out.gather(-1, at) * (1 - (n - 1) * off)
+            out.mul_(off).scatter_(-1, at, at_x).clamp_min_(0.0)
+            return out.div_(out.sum(-1, keepdim=True).clamp_min(1e-300))
+        out.mul_(self.rate).scatter_(-1, at, 0.0)  # the off-diagonal rates rate * s_y
         out.scatter_(-1, at, -out.sum(-1, keepdim=True)).mul_(self.dt_rate)
         out.scatter_(-1, at, out.gather(-1, at) + 1.0).clamp_min_(0.0)
         return out.div_(out.sum(-1, keepdim=True).clamp_min(1e-300))
 
     def draw(self, graph, noise, log_score: torch.Tensor, x: torch.Tensor, u: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
         """Tokens (R,) of rows log_score (R, V) by inverse CDF in float64 (the full-row :func:`draw`), ``buf``
-        (at least R, V) float64 holding Euler's rows and their CDF."""
-        if self.tweedie is not None:
-            return draw(self.exact.probs(graph, noise, log_score, x), u)
+        (at least R, V) float64 holding the rows and their CDF."""
         cdf = self.probs_into(log_score, x, buf[: x.shape[0]]).cumsum_(-1)
         found = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
         return found.clamp_max(cdf.shape[-1] - 1)

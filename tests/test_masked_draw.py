@@ -174,9 +174,10 @@ def test_uniform_euler_and_tweedie_keep_the_full_row_draw_for_every_uniform(args
     assert torch.equal(fast, slow)
 
 
+@pytest.mark.parametrize("base", ["euler", "tweedie"])
 @pytest.mark.parametrize("mode,coeff", [("score", 1.0), ("score", 0.55), ("temperature", 1.3)])
 @pytest.mark.parametrize("rows,width", [(1, 50257), (7, 50257), (33, 97), (300, 8)])
-def test_uniform_movers_rows_are_the_full_rows_bit_for_bit(mode, coeff, rows, width):
+def test_uniform_movers_rows_are_the_full_rows_bit_for_bit(base, mode, coeff, rows, width):
     """The movers' fused float64 rows (one buffer) equal step_rows' bit for bit, and so do their draws."""
     from lsdtool.diffusion import Uniform
     from lsdtool.samplers import stay_or_jump_kernel
@@ -186,7 +187,7 @@ def test_uniform_movers_rows_are_the_full_rows_bit_for_bit(mode, coeff, rows, wi
     ls = (torch.randn(rows, width, generator=g) * 2.0 - 1.0).float()
     x = torch.randint(0, width, (rows,), generator=g)
     ls = ls.scatter(-1, x[:, None], 0.0)
-    kernel = stay_or_jump_kernel(graph, noise, 0.8, 0.55, "euler", coeff, mode, False)
+    kernel = stay_or_jump_kernel(graph, noise, 0.8, 0.55, base, coeff, mode, False)
     want = kernel.exact.probs(graph, noise, ls, x)
     buf = torch.empty(rows + 3, width, dtype=torch.float64)
     assert torch.equal(kernel.probs_into(ls, x, buf[:rows]), want)

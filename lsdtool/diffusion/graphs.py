@@ -301,8 +301,7 @@ class Uniform(Graph):
         n = self.vocab_size
         off = (1 - torch.exp(-sigma))[:, None] / n
         trans = off.expand(x.shape[0], n).clone()
-        trans = trans.scatter(-1, x[:, None], 0.0)
-        return trans.scatter(-1, x[:, None], 1 - trans.sum(-1, keepdim=True))
+        return trans.scatter(-1, x[:, None], 1 - (n - 1) * off)
 
     def moving(self, x):
         return torch.ones_like(x, dtype=torch.bool)
