@@ -36,7 +36,7 @@ from typing import Iterator
 import torch
 
 from lsdtool import rng
-from lsdtool.kernels import _CHUNK_ELEMS, Categorical, CommitByScore, chunk_rows
+from lsdtool.kernels import Categorical, CommitByScore, chunk_rows
 from lsdtool.blocks import greedy_rows
 from lsdtool.samplers import Step, advance, commit_counts
 
@@ -73,7 +73,7 @@ def row_scores(graph, log_score: torch.Tensor, where: torch.Tensor, a, kind: str
     flat = log_score.reshape(-1, v)
     idx = where.reshape(-1).nonzero().squeeze(-1)
     out = torch.full((where.numel(),), float("nan"), dtype=torch.float64, device=log_score.device)
-    chunk = chunk_rows(_CHUNK_ELEMS, v, idx.numel())
+    chunk = chunk_rows(v, log_score.device)
     for start in range(0, idx.numel(), chunk):
         rows = idx[start : start + chunk]
         lp = torch.log_softmax(a * graph.real_columns(flat[rows]).detach().to(torch.float64), -1)

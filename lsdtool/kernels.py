@@ -252,11 +252,14 @@ def _chunk_elems(device: torch.device) -> int:
     return _CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS * 8
 
 
-def chunk_rows(cap_elems: int, width: int, rows: int) -> int:
-    """Rows per chunk of an engine pass over ``rows`` rows of ``width`` columns: at most ``cap_elems`` elements,
-    and at most a sixteenth of the rows (at least 64), so the float64 temporaries of a chunk stay a fraction of
-    the step's float32 scores (a chunk of every row would add several float64 copies of them to the peak)."""
-    return max(1, min(cap_elems // width, max(64, -(-rows // 16))))
+_STEP_CHUNK_ELEMS = 1 << 20  # elements per row chunk of a step's float64 work on a CPU (x 32 on a GPU)
+
+
+def chunk_rows(width: int, device: torch.device) -> int:
+    """Rows per chunk of an engine pass over rows of ``width`` columns: a fixed number of elements (2^20 on a
+    CPU: 8 rows at V = 126k, 8 MiB per float64 temporary), whatever the batch, so a step's peak is the model's
+    scores plus O(B L) (a chunk of every row would add several float64 copies of the scores)."""
+    return max(1, (_STEP_CHUNK_ELEMS if device.type == "cpu" else _STEP_CHUNK_ELEMS * 32) // width)
 
 
 def _exact_sums(device: torch.device) -> bool:

@@ -455,7 +455,7 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
             x_flat[rows] = kernel.draw(lam, x_flat[rows], uniforms(rows, levels[None, :]))
         return x_flat.reshape(x.shape)
     if isinstance(kernel, StayOrJump):  # decide the rows that stay from two float32 sums; draw the others exactly
-        chunk = chunk_rows(_CHUNK_ELEMS, v, idx.numel())
+        chunk = chunk_rows(v, x.device)
         buf = None
         for start in range(0, idx.numel(), chunk):
             rows = idx[start : start + chunk]
@@ -471,7 +471,7 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
         raise TypeError(f"advance has no draw for {type(kernel).__name__}")
     canon = graph.canonical_graph()
     extra_flat = [r.reshape(x_flat.shape[0], *r.shape[2:]) for r in row_inputs]
-    chunk = chunk_rows(_CHUNK_ELEMS, v, idx.numel())
+    chunk = chunk_rows(v, x.device)
     for start in range(0, idx.numel(), chunk):
         rows = idx[start : start + chunk]
         extra = [_canonical(graph, r[rows].detach()) for r in extra_flat]
