@@ -161,7 +161,7 @@ class StayOrJump(Kernel):
         out.scatter_(-1, at, out.gather(-1, at) + 1.0).clamp_min_(0.0)
         return out.div_(out.sum(-1, keepdim=True).clamp_min(1e-300))
 
-    def draw(self, graph, noise, log_score: torch.Tensor, x: torch.Tensor, u: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    def draw(self, log_score: torch.Tensor, x: torch.Tensor, u: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
         """Tokens (R,) of rows log_score (R, V) by inverse CDF in float64 (the full-row :func:`draw`), ``buf``
         (at least R, V) float64 holding the rows and their CDF."""
         cdf = self.probs_into(log_score, x, buf[: x.shape[0]]).cumsum_(-1)
@@ -202,21 +202,20 @@ class StayOrJump(Kernel):
             w, factor, zed, p_x, rel = self._masses(log_score[b], x[b], work[: b.stop - b.start])
             goal, band = u[b] * zed, rel * zed
             ok = torch.isfinite(zed) & (p_x > 1e-6 * zed)
-            if cpu:
+            if cpu:  # A only for the rows the total leaves open
                 sure = ok & (goal >= zed - p_x + band) & (goal < p_x - band)
                 rest = (ok & ~sure).nonzero().squeeze(-1)
+                pick = lambda t: t[rest]  # noqa: E731
             else:
-                sure, rest = ok, None
-            w_rest, x_rest = (w, x[b]) if rest is None else (w[rest], x[b][rest])
-            a = factor * torch.where(cols[None, :] < x_rest[:, None], w_rest, 0.0).sum(-1, dtype=torch.float64)
-            hi = a + (p_x if rest is None else p_x[rest])
-            g, bd = (goal, band) if rest is None else (goal[rest], band[rest])
-            decided = (g >= a + bd) & (g < hi - bd)
-            if rest is None:
-                out[b] = sure & decided
-            else:
+                sure, pick = ok, lambda t: t  # noqa: E731
+            a = factor * torch.where(cols[None, :] < pick(x[b])[:, None], pick(w), 0.0).sum(-1, dtype=torch.float64)
+            g, bd = pick(goal), pick(band)
+            decided = pick(ok) & (g >= a + bd) & (g < a + pick(p_x) - bd)
+            if cpu:
                 sure[rest] = decided
-                out[b] = sure
+            else:
+                sure = decided
+            out[b] = sure
         return out
 
 
@@ -285,24 +284,27 @@ def _row_blocks(rows: torch.Tensor, width: int):
     return [slice(b, min(n, b + size)) for b in range(0, n, size)]
 
 
+def _run_start(rows: torch.Tensor) -> int | None:
+    """The first of ``rows`` when they are consecutive ascending, else None; checked on CPU only (on a GPU the
+    check would wait for the device)."""
+    if rows.device.type != "cpu" or not rows.numel():
+        return None
+    first = int(rows[0])
+    return first if int(rows[-1]) - first + 1 == rows.numel() else None
+
+
 def _gather(real: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
-    """real[rows] without a copy when the rows are consecutive (checked on CPU only: on a GPU the check
-    would wait for the device), else gathered into ``buf``."""
-    n = rows.numel()
-    if rows.device.type == "cpu":
-        first = int(rows[0])
-        if int(rows[-1]) - first + 1 == n:
-            return real[first : first + n]
-    return torch.index_select(real, 0, rows, out=buf[:n])
+    """real[rows] without a copy when the rows are consecutive, else gathered into ``buf``."""
+    first = _run_start(rows)
+    if first is not None:
+        return real[first : first + rows.numel()]
+    return torch.index_select(real, 0, rows, out=buf[: rows.numel()])
 
 
 def take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """t[rows], a view when the rows are consecutive (checked on CPU only, where the check costs no sync)."""
-    if rows.device.type == "cpu" and rows.numel():
-        first = int(rows[0])
-        if int(rows[-1]) - first + 1 == rows.numel():
-            return t[first : first + rows.numel()]
-    return t[rows]
+    """t[rows], a view when the rows are consecutive."""
+    first = _run_start(rows)
+    return t[rows] if first is None else t[first : first + rows.numel()]
 
 
 def _row_sums(real: torch.Tensor, rows: torch.Tensor, coeff, mode: str, dtype) -> torch.Tensor:

@@ -464,8 +464,7 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
             if bool(go.any()):
                 moving_rows = rows[go]
                 buf = torch.empty(chunk, v, dtype=torch.float64, device=x.device) if buf is None else buf
-                x_flat[moving_rows] = kernel.draw(graph, model.noise, take_rows(ls_flat, moving_rows).detach(), x_flat[moving_rows],
-                                                 u[go], buf)
+                x_flat[moving_rows] = kernel.draw(take_rows(ls_flat, moving_rows).detach(), x_flat[moving_rows], u[go], buf)
         return x_flat.reshape(x.shape)
     if not isinstance(kernel, Categorical):
         raise TypeError(f"advance has no draw for {type(kernel).__name__}")

@@ -192,4 +192,4 @@ def test_uniform_movers_rows_are_the_full_rows_bit_for_bit(base, mode, coeff, ro
     buf = torch.empty(rows + 3, width, dtype=torch.float64)
     assert torch.equal(kernel.probs_into(ls, x, buf[:rows]), want)
     u = torch.rand(rows, generator=g, dtype=torch.float64)
-    assert torch.equal(kernel.draw(graph, noise, ls, x, u, buf), draw(want, u))
+    assert torch.equal(kernel.draw(ls, x, u, buf), draw(want, u))
