@@ -534,7 +534,8 @@ def _compare_table(result, per_sample_ppl=False):
     teacher = [r for r in result.rows if r.sampler == "teacher"]
     label = {"error": "countdown error (JYS)", "gen_ppl": f"gen. perplexity ({p['eval_model']})",
              "gen_ppl_per_sample": f"per-sample gen. perplexity ({p['eval_model']})"}.get(key, key)
-    table = Table(title=f"{p['model']}: {label} ± s.e. over n = {p['n']} samples, seed {p['seed']}; time per sample",
+    se = " ± s.e." if any(f"{key}_se" in r.metrics for r in result.rows) else ""
+    table = Table(title=f"{p['model']}: {label}{se} over n = {p['n']} samples, seed {p['seed']}; time per sample",
                   title_justify="left")
     table.add_column("sampler", no_wrap=True)
     for k in nfes:
@@ -546,11 +547,11 @@ def _compare_table(result, per_sample_ppl=False):
 
     def cell(r):
         m = r.metrics
-        text = se_text(m[key], m.get(f"{key}_se", 0.0))
+        text = se_text(m[key], m.get(f"{key}_se"))
         if div["key"] in m:
             text += f"\n{div['label']} {m[div['key']]:.3f}"
         for extra in p.get("headlines", [])[1:]:  # further --metric figures
-            text += f"\n{extra} {se_text(m[extra], m.get(f'{extra}_se', 0.0))}"
+            text += f"\n{extra} {se_text(m[extra], m.get(f'{extra}_se'))}"
         if r.nfe_mean is not None and r.nfe_mean != r.nfe:
             text += f"\nNFE {r.nfe_mean:.1f} (max {r.nfe_max})"
         ms = r.seconds_per_sample * 1000
@@ -565,7 +566,7 @@ def _compare_table(result, per_sample_ppl=False):
         extra = [""] if teacher else []
         table.add_row(name, *[cell(by_nfe[k]) if k in by_nfe else "–" for k in nfes], *extra)
     if teacher:
-        table.add_row("teacher (euler)", *["" for _ in nfes], cell(teacher[0]))
+        table.add_row(f"teacher ({p.get('teacher_sampler', 'euler')})", *["" for _ in nfes], cell(teacher[0]))
     console = Console()
     if not console.is_terminal:  # a file or pipe gets the whole table, never wrapped cells
         console = Console(width=max(100, 24 + 22 * (len(nfes) + 1)))
@@ -636,13 +637,19 @@ def _compare_plot(result, path, per_sample_ppl=False):
 
 
 def _compare_grid(result, path):
-    """Image models: one PNG, a row per sampler and a column per NFE, each cell the first samples (same seeds)."""
+    """Image models: one PNG, a row per sampler and a column per NFE, each cell the first samples (same seeds),
+    the teacher's below in the first column; images smaller than 32 pixels are enlarged to be seen."""
     from lsdtool import console, fileio, images
 
     names = [n for n in result.protocol["samplers"] if any(r.sampler == n for r in result.rows)]
     nfes = result.protocol["nfe"]
     cell = {(r.sampler, r.nfe): r.preview for r in result.rows}
-    fileio.write_bytes(path, images.encode(images.table([[cell.get((n, k)) for k in nfes] for n in names])))
+    cells = [[cell.get((n, k)) for k in nfes] for n in names]
+    teacher = next((r for r in result.rows if r.sampler == "teacher" and r.preview is not None), None)
+    if teacher is not None:
+        cells.append([teacher.preview] + [None] * (len(nfes) - 1))
+        names = names + [f"teacher (NFE {teacher.nfe})"]
+    fileio.write_bytes(path, images.encode(images.table(cells, least=32)))
     console.log(f"{path}: rows {', '.join(names)}; columns NFE {', '.join(map(str, nfes))}")
 
 

@@ -146,6 +146,15 @@ def lsd_overrides(name: str, steps: int, teacher_steps: int | None) -> dict:
     return over
 
 
+def lsd_base(ctx: "CompareSettings", name: str, nfe: int) -> str:
+    """The step rule an ``lsd``/``lsd+`` row's artifact runs: its suffix, else the model's recipe (tau-leaping,
+    with its final call, on an image model)."""
+    from lsdtool import recipes
+
+    over = {k: v for k, v in lsd_overrides(name, nfe, None).items() if k in ("base", "steps")}
+    return str(recipes.effective(ctx.model.name, ctx.recipe_file, over, graph=steprules.graph_name(ctx.model))["base"])
+
+
 def steps_for(name: str, nfe: int) -> int:
     """Steps that spend ``nfe`` model calls, or :class:`Skip` (entropy-bound: the column, not its cap)."""
     head = name.split(":")[0]
@@ -243,8 +252,8 @@ def _tune(ctx: CompareSettings, candidates, make, label: str) -> tuple[float, di
 def cell_sampler(ctx: CompareSettings, name: str, nfe: int, jys_cache: dict) -> tuple[Sampler, dict]:
     """The engine sampler for one (name, NFE) cell and what the row should say about it."""
     model = ctx.model
-    steps = steps_for(name, nfe)
     head = name.split(":")[0]
+    steps = steps_for(lsd_base(ctx, name, nfe) if head in ("lsd", "lsd+") else name, nfe)
     if head in steprules.RULES and not steprules.RULES[head].supports(model):
         raise Skip(f"{head} needs {steprules.RULES[head].requirement()}; {model.name} is {model.graph}")
     if head in ADAPTIVE:
@@ -320,13 +329,13 @@ def _log_row(ctx: CompareSettings, row: Row) -> None:
     key = ctx.evaluator.primary
     m = row.metrics
     div, label = getattr(ctx.evaluator, "diversity", ("entropy", "H"))
-    ctx.log(f"{row.sampler} NFE {row.nfe}: {key} {se_text(m[key], m.get(key + '_se', 0.0))}"
+    ctx.log(f"{row.sampler} NFE {row.nfe}: {key} {se_text(m[key], m.get(key + '_se'))}"
             + (f", {label} {m[div]:.3f}" if div in m else "")
             + (f", realised NFE {row.nfe_mean:.2f} (max {row.nfe_max})" if row.nfe_mean not in (None, row.nfe) else "")
             + f" ({row.seconds_per_sample * 1000:.1f} ms/sample{', cached' if row.details.get('cached') else ''})")
 
 
-PREVIEW = 8  # samples per cell of an image model's --plot grid
+PREVIEW = 16  # samples per cell of an image model's --plot grid
 
 
 def _preview(model, x: torch.Tensor) -> torch.Tensor | None:
@@ -353,14 +362,20 @@ def teacher_row(ctx: CompareSettings, steps: int) -> Row:
     if base != "euler":
         key_src["base"] = base
     path = cache.record_path("compare", "teacher", key_src, cache_root(ctx.cache_dir))
-    saved = cache.read_record(path, key_src)
-    if saved and "metrics" in saved and "seconds_per_sample" in saved:
-        return Row("teacher", steps, steps, saved["metrics"], saved["seconds_per_sample"],
-                   {"reference": True, "cached": str(path)})
     sampler = Sampler.plain(steps, base)
+    saved = cache.read_record(path, key_src)
+    image = getattr(ctx.model, "shape", None) is not None
+    if saved and "metrics" in saved and "seconds_per_sample" in saved and (not image or "preview" in saved):
+        preview = torch.tensor(saved["preview"], dtype=torch.uint8) if image else None
+        return Row("teacher", steps, sampler.nfe, saved["metrics"], saved["seconds_per_sample"],
+                   {"reference": True, "cached": str(path)}, sampler.nfe, sampler.nfe, preview)
     x, seconds = draw(ctx, sampler, ctx.n, ctx.seed, f"teacher ({steps} steps)")
-    row = Row("teacher", steps, sampler.nfe, ctx.evaluator(x), seconds / ctx.n, {"reference": True}, sampler.nfe, sampler.nfe)
-    cache.write_record(path, key_src, {"metrics": row.metrics, "seconds_per_sample": row.seconds_per_sample})
+    row = Row("teacher", steps, sampler.nfe, ctx.evaluator(x), seconds / ctx.n, {"reference": True}, sampler.nfe, sampler.nfe,
+              _preview(ctx.model, x))
+    fields = {"metrics": row.metrics, "seconds_per_sample": row.seconds_per_sample}
+    if row.preview is not None:  # a few samples' pixels, so a cached teacher still shows in --plot
+        fields["preview"] = row.preview.tolist()
+    cache.write_record(path, key_src, fields)
     return row
 
 
@@ -486,10 +501,10 @@ def _notes(model, names, rows, skipped, ctx) -> list[str]:
 
 
 def se_text(value: float, se: float) -> str:
-    """'value ± se' with digits that fit the standard error."""
+    """'value ± se' with digits that fit the standard error; the value alone where the metric has no s.e. (None)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     digits = 4 if not se or se <= 0 else max(1, min(6, 1 - int(math.floor(math.log10(se)))))
     if abs(value) >= 100:
         digits = min(digits, 1)
-    return f"{value:.{digits}f} ± {se:.{digits}f}"
+    return f"{value:.{digits}f}" if se is None else f"{value:.{digits}f} ± {se:.{digits}f}"

@@ -205,9 +205,17 @@ def grid(images: torch.Tensor, cols: int | None = None, pad: int = 2, fill: int 
     return out
 
 
-def table(cells: list[list[torch.Tensor | None]], cols: int = 4, pad: int = 6) -> torch.Tensor:
-    """One image of rows × columns of cells, each cell pixels (k, H, W, C) tiled :func:`grid`-wise ``cols`` wide
-    (a missing cell stays blank); ``pad`` white pixels between cells."""
+def enlarge(images: torch.Tensor, least: int) -> torch.Tensor:
+    """Images (N, H, W, C) repeated pixel by pixel the smallest whole number of times that makes H and W at
+    least ``least`` (an 8×8 digit becomes 32×32; a 32×32 image stays as it is)."""
+    k = max(1, -(-least // min(images.shape[1], images.shape[2])))
+    return images.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2) if k > 1 else images
+
+
+def table(cells: list[list[torch.Tensor | None]], cols: int = 4, pad: int = 6, least: int = 1) -> torch.Tensor:
+    """One image of rows × columns of cells, each cell pixels (k, H, W, C) :func:`enlarge`-d to ``least``
+    pixels and tiled :func:`grid`-wise ``cols`` wide (a missing cell stays blank); ``pad`` white pixels between cells."""
+    cells = [[None if c is None else enlarge(c, least) for c in row] for row in cells]
     shown = [c for row in cells for c in row if c is not None]
     if not shown:
         raise LsdError("no samples to show")

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lsdtool import metrics_digits as md
+from lsdtool import images, metrics_digits as md
 from lsdtool.errors import LsdError
 from conftest import run_cli
 
@@ -191,13 +191,25 @@ def test_distil_sample_and_compare_on_digits_net(tmp_path):
     assert r.exit_code == 0, r.stderr
     rows = [list(map(int, line.split())) for line in r.stdout.splitlines()]
     assert len(rows) == 4 and all(len(row) == 64 and 0 <= min(row) and max(row) <= 16 for row in rows)
-    r = run_cli("compare", "--model", "digits-net", "--samplers", "tau-leaping", "--steps", "3", "-n", "32", "--json",
-                "--cache-dir", tmp_path / "cache")
+    # lsd+ at NFE 3 is the 2-step artifact: tau-leaping spends one more call (the final argmax) than its steps
+    r = run_cli("compare", "--model", "digits-net", "--samplers", "tau-leaping,lsd+", "--steps", "3", "-n", "32", "--json",
+                "--recipe", recipe, "--cache-dir", tmp_path / "cache")
     assert r.exit_code == 0, r.stderr
     result = json.loads(r.stdout)
-    assert result["protocol"]["metric"] == "fd-digits"
-    cell = result["rows"][0]["metrics"]
-    assert cell["fd-digits"] > 0 and 0 <= cell["class_entropy"] <= math.log(10) + 1e-9
+    assert result["protocol"]["metric"] == "fd-digits" and result["protocol"]["teacher_sampler"] == "tau-leaping"
+    rows = {row["sampler"]: row for row in result["rows"]}
+    assert rows["lsd+"]["nfe"] == 3 and "cache hit" in r.stderr
+    for row in rows.values():
+        cell = row["metrics"]
+        assert cell["fd-digits"] > 0 and 0 <= cell["class_entropy"] <= math.log(10) + 1e-9
+    plot = tmp_path / "grid.png"
+    r = run_cli("compare", "--model", "digits-net", "--samplers", "tau-leaping,lsd+", "--steps", "3", "-n", "32",
+                "--recipe", recipe, "--cache-dir", tmp_path / "cache", "--plot", plot)
+    assert r.exit_code == 0, r.stderr
+    assert "teacher NFE 17" in r.stderr and "cached" in r.stderr  # its steps + the final argmax, even from the cache
+    cell = images.grid(torch.zeros(16, 32, 32, 1, dtype=torch.uint8), 4, pad=1).shape  # 16 digits shown 4x
+    assert images.read(plot).pixels.shape[:2] == (6 + 3 * (cell[0] + 6), 6 + (cell[1] + 6))  # + the cached teacher's row
+    assert "teacher (tau-leaping)" in r.stdout and "±" not in r.stdout  # a Fréchet distance has no per-sample s.e.
 
 
 def test_energy_distance_by_hand():

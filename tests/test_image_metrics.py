@@ -221,9 +221,12 @@ def test_compare_plot_of_an_image_model_is_a_grid_of_the_cells_samples(tmp_path)
             assert run_cli("sample", "--model", f"{MODEL}:full", "--steps", steps, "--base", name, "-n", 6, "--seed", 3,
                            "--format", "png", "-o", f"{out}/").exit_code == 0
             cells[name, steps] = torch.stack([images.read(out / f"{i:06d}.png").pixels for i in range(6)])
-    assert torch.equal(got, images.table([[cells["euler", 2], cells["euler", 4]], [cells["tweedie", 2], cells["tweedie", 4]]]))
-    tile = images.grid(cells["tweedie", 4][:4].new_zeros(8, 4, 4, 3), 4, pad=1)  # a cell's size
+    assert torch.equal(got, images.table([[cells["euler", 2], cells["euler", 4]], [cells["tweedie", 2], cells["tweedie", 4]]],
+                                         least=32))
+    tile = images.grid(cells["tweedie", 4].new_zeros(6, 32, 32, 3), 4, pad=1)  # a cell's size: 4x4 images shown 8x
     h, w = tile.shape[:2]
     assert got.shape[:2] == (6 + 2 * (h + 6), 6 + 2 * (w + 6))
     y, x = 6 + (h + 6) + 1, 6 + (w + 6) + 1  # tweedie (second row), NFE 4 (second column), first sample
-    assert torch.equal(got[y : y + 4, x : x + 4], cells["tweedie", 4][0])
+    first = cells["tweedie", 4][0]
+    assert torch.equal(got[y : y + 32 : 8, x : x + 32 : 8], first) and torch.equal(got[y + 7 : y + 32 : 8, x + 7 : x + 32 : 8], first)
+    assert torch.equal(images.enlarge(first[None], 32)[0, 8:16, 8:16], first[1, 1].expand(8, 8, 3))
