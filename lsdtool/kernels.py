@@ -115,21 +115,21 @@ class StayOrJump(Kernel):
     """Euler or Tweedie on a graph whose rows are one affine function of the scores off the diagonal.
 
     - euler (uniform: scale = c Phi / N): p_y = scale w_y (y != x), p_x = 1 - scale sum w;
-    - tweedie (uniform, ``tweedie`` = (e^{dsigma}, off) with off = (1 - e^{-dsigma}) / N): p_y =
-      max(e w_y + (1 - e) S / N, 0) off (y != x), S = sum_y w_y with w_x = 1, p_x from the diagonal;
+    - tweedie (uniform, ``tweedie`` = (e^{dsigma}, off, diag), the graph's ``transition_parts(dsigma)``): p_y =
+      max(e w_y + (1 - e) S / N, 0) off (y != x), S = sum_y w_y with w_x = 1, p_x the same times diag;
 
     clamped and renormalised (total Z). A row stays iff its uniform falls in x's segment of the CDF,
     [A, A + p_x) / Z with A the mass before x: float32 passes decide that for all but the rows within a
     relative band of a boundary; the rows that move (or are too close to call) are drawn from the ``exact``
     full rows, so every token is the full-row draw."""
 
-    scale: torch.Tensor
+    scale: torch.Tensor | None  # euler's c Phi / N (score) or c / N (temperature); None in the Tweedie form
     coeff: torch.Tensor
     mode: str
     exact: Categorical
     rate: float = 0.0  # the graph's constant reverse rate (uniform: 1/N)
     dt_rate: torch.Tensor | None = None  # (t - s) sigma'(t), 0-d float64
-    tweedie: tuple | None = None  # (e^{dsigma}, off), 0-d float64 each: the Tweedie form
+    tweedie: tuple | None = None  # (e^{dsigma}, off, diag), 0-d float64 each: the Tweedie form
     kind = "categorical"
 
     def log_prob(self, graph, noise, log_score, x, y, *extra):
@@ -149,11 +149,10 @@ class StayOrJump(Kernel):
             out.exp_()
         out.scatter_(-1, at, 1.0)
         if self.tweedie is not None:  # the staggered score e s + (1 - e) / N sum(s), times the transition's columns
-            e, off = self.tweedie
-            n = out.shape[1]
-            shift = (1 - e) / n * out.sum(-1, keepdim=True)
+            e, off, diag = self.tweedie
+            shift = (1 - e) / out.shape[1] * out.sum(-1, keepdim=True)
             out.mul_(e).add_(shift)
-            at_x = out.gather(-1, at) * (1 - (n - 1) * off)
+            at_x = out.gather(-1, at) * diag
             out.mul_(off).scatter_(-1, at, at_x).clamp_min_(0.0)
             return out.div_(out.sum(-1, keepdim=True).clamp_min(1e-300))
         out.mul_(self.rate).scatter_(-1, at, 0.0)  # the off-diagonal rates rate * s_y
@@ -176,13 +175,13 @@ class StayOrJump(Kernel):
             w.scatter_(-1, x[:, None], 0.0)
             jump = self.scale * w.sum(-1, dtype=torch.float64)
             return w, self.scale, jump.clamp_min(1.0), (1 - jump).clamp_min(0.0), _GUARD
-        e, off = self.tweedie
+        e, off, diag = self.tweedie
         n = w.shape[1]
         if self.mode == "score":  # Phi s_y (Euler folds Phi into its scale)
             w.mul_(self.coeff.to(w.dtype))
         w.scatter_(-1, x[:, None], 1.0)
         shift = (1 - e) / n * w.sum(-1, dtype=torch.float64)  # (R,)
-        p_x = ((e + shift) * (1 - (n - 1) * off)).clamp_min(0.0)
+        p_x = ((e + shift) * diag).clamp_min(0.0)
         w.mul_(e.to(w.dtype)).add_(shift.to(w.dtype)[:, None]).clamp_min_(0.0).scatter_(-1, x[:, None], 0.0)
         total = off * w.sum(-1, dtype=torch.float64) + p_x  # sum of the clamped rows >= S, so float32's error
         return w, off, total, p_x, max(_GUARD, 256 * 2.0**-24 * float(2 * e - 1))  # is this relative to Z

@@ -198,8 +198,7 @@ def stay_or_jump_kernel(graph: Graph, noise: Noise, t, s, base, coeff, mode, fin
     exact = Categorical(step_rows, (t, s, base, coeff, mode, final))
     if tweedie:
         dsigma = noise.total(t) - noise.total(s)
-        form = (torch.exp(dsigma), (1 - torch.exp(-dsigma)) / graph.vocab_size)
-        return StayOrJump(form[0], coeff, mode, exact, rate, None, form)
+        return StayOrJump(None, coeff, mode, exact, rate, None, (torch.exp(dsigma), *graph.transition_parts(dsigma)))
     dt_rate = (t - s) * noise.rate(t)
     c = dt_rate * rate
     return StayOrJump(c * coeff if mode == "score" else c, coeff, mode, exact, rate, dt_rate)

@@ -296,12 +296,16 @@ class Uniform(Graph):
         e = torch.exp(dsigma)[:, None]
         return e * score + (1 - e) / self.vocab_size * score.sum(-1, keepdim=True)
 
+    def transition_parts(self, sigma):
+        """(off, diag) of the transition over sigma (any shape): off = (1 - e^{-sigma}) / N off the diagonal,
+        diag = 1 - (N - 1) off on it (so a row sums to 1); the step kernels use these very numbers."""
+        off = (1 - torch.exp(-sigma)) / self.vocab_size
+        return off, 1 - (self.vocab_size - 1) * off
+
     def transp_transition(self, x, sigma):
         """(1 - e^{-sigma}) / N off the diagonal, the rest of the row's mass on it."""
-        n = self.vocab_size
-        off = (1 - torch.exp(-sigma))[:, None] / n
-        trans = off.expand(x.shape[0], n).clone()
-        return trans.scatter(-1, x[:, None], 1 - (n - 1) * off)
+        off, diag = self.transition_parts(sigma[:, None])
+        return off.expand(x.shape[0], self.vocab_size).clone().scatter(-1, x[:, None], diag)
 
     def moving(self, x):
         return torch.ones_like(x, dtype=torch.bool)
