@@ -23,6 +23,7 @@ writes it to FILE (benchmarks/results/ID.json renders into docs/results.md and d
     python benchmarks/engine_overhead.py --quick                # seconds-long smoke run (tiny network)
     python benchmarks/engine_overhead.py --memory --quick       # peak memory, B = 1, 16, 64, L = 1024
     python benchmarks/engine_overhead.py --distill              # LSD+ teacher rollout / fit split (L = 256)
+    python benchmarks/engine_overhead.py --model countdown-net  # a registered model instead (its own graph and L)
 """
 
 from __future__ import annotations
@@ -281,9 +282,16 @@ def _label(rule: str) -> str:
     return LABELS.get(rule, rule)
 
 
-def result(args, argv, proto: dict, rows: list[dict]) -> dict:
+def network(args, model=None) -> str:
+    """What the rows were measured on, in words."""
+    if model is not None:
+        params = sum(p.numel() for p in model.net.parameters()) if getattr(model, "net", None) is not None else 0
+        return f"{args.model} ({model.graph}, V = {model.vocab_size}" + (f", {params / 1e6:.2f}M parameters)" if params else ")")
+    return "tiny network (V = 1001, 2 blocks, width 64)" if args.quick else "SEDD-small architecture (V = 50258, 12 blocks, width 768)"
+
+
+def result(args, argv, proto: dict, rows: list[dict], net: str) -> dict:
     """The run in the results-page schema (benchmarks/render_results.py), raw rows and protocol kept."""
-    net = "tiny network (V = 1001, 2 blocks, width 64)" if args.quick else "SEDD-small architecture (V = 50258, 12 blocks, width 768)"
     load = f"load average {proto['load_average_start'][0]} -> {proto['load_average_end'][0]}"
     machine = f"{proto['device']}, torch {proto['torch']}, {proto['threads']} threads, {load}"
     kind = "memory" if args.memory else "overhead"
@@ -311,7 +319,8 @@ def result(args, argv, proto: dict, rows: list[dict]) -> dict:
         summary = (f"{net}, L = {args.length}, {args.steps} steps, {args.repeats} interleaved repeats; "
                    "ratio = lsd wall / (NFE x one bare forward at the same B).")
         notes = []
-    name = Path(args.json).stem if args.json else f"engine-{kind}-{device}" + ("-quick" if args.quick else "")
+    name = Path(args.json).stem if args.json else f"engine-{kind}-{device}" + ("-quick" if args.quick else "") \
+        + (f"-{args.model}" if args.model else "")
     return {"id": name, "title": title, "command": "python benchmarks/engine_overhead.py " + " ".join(argv),
             "machine": machine, "date": date.today().isoformat(), "source": "measured: written by benchmarks/engine_overhead.py",
             "summary": summary, "tables": [table], "notes": notes, "protocol": proto, "rows": rows}
@@ -329,6 +338,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rules", default=",".join(RULES))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="a tiny network (V = 1001, 2 blocks), for a smoke run")
+    ap.add_argument("--model", help="time a registered model (lsd models) instead, at its own graph and length")
     ap.add_argument("--json", nargs="?", const="", metavar="FILE",
                     help="print the result as JSON (the results-page schema) and write it to FILE when given")
     ap.add_argument("--memory", action="store_true", help="instead: peak memory of forwards, sampling and distillation")
@@ -356,24 +366,34 @@ def main(argv=None) -> int:
 
     proto = protocol(dev, args)
     rows = []
-    if args.distill:
+    net = network(args)
+    if args.model:
+        if args.memory or args.distill:
+            raise SystemExit("--model times sampling only (not --memory or --distill)")
+        model = load(args.model, device=dev)
+        args.length = int(model.seq_len)
+        proto["seq_len"], net = args.length, network(args, model)
+        for batch in (int(b) for b in args.batches.split(",")):
+            rows += measure(model, dev, batch, samplers(args.steps, model.graph, args.rules.split(",")), args.repeats)
+    elif args.distill:
         with tempfile.TemporaryDirectory(prefix="lsd-engine-overhead-") as tmp:
             result_ = measure_distill(load(str(build_checkpoint(Path(tmp), "absorb", dims)), device=dev), dev, args)
         proto["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
         print(json.dumps({"protocol": proto, "distill": result_}, indent=1 if args.json is not None else None))
         return 0
-    with tempfile.TemporaryDirectory(prefix="lsd-engine-overhead-") as tmp:
-        for graph in args.graphs.split(","):
-            path = build_checkpoint(Path(tmp), graph, dims)
-            if args.memory:
-                rows += measure_memory(path, graph, dims, dev, args)
-                continue
-            model = load(str(path), device=dev)
-            for batch in (int(b) for b in args.batches.split(",")):
-                rows += measure(model, dev, batch, samplers(args.steps, graph, args.rules.split(",")), args.repeats)
-            del model
+    else:
+        with tempfile.TemporaryDirectory(prefix="lsd-engine-overhead-") as tmp:
+            for graph in args.graphs.split(","):
+                path = build_checkpoint(Path(tmp), graph, dims)
+                if args.memory:
+                    rows += measure_memory(path, graph, dims, dev, args)
+                    continue
+                model = load(str(path), device=dev)
+                for batch in (int(b) for b in args.batches.split(",")):
+                    rows += measure(model, dev, batch, samplers(args.steps, graph, args.rules.split(",")), args.repeats)
+                del model
     proto["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-    out = result(args, argv, proto, rows)
+    out = result(args, argv, proto, rows, net)
     if args.json is not None:
         return emit(out, Path(args.json) if args.json else None)
     print(f"# {out['title']}; {out['machine']}\n# {out['summary']}")
