@@ -159,7 +159,7 @@ def negative_elbo(model, x0: torch.Tensor, ts: torch.Tensor, x_tilde: torch.Tens
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--ch", type=int, default=32)
     ap.add_argument("--res-blocks", type=int, default=2)

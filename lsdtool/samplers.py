@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from lsdtool import artifacts, rng, steprules
 from lsdtool.blocks import greedy_rows, guided, layout
 from lsdtool.diffusion import Graph, Noise, graph_of
-from lsdtool.kernels import (_CHUNK_ELEMS, Categorical, Kernel, MaskedCategorical, PoissonJumps, StayOrJump, _chunk_elems, take_rows,
-                             chunk_rows, denoise_kernel, draw, masked_kernel, normalise)
+from lsdtool.kernels import (_CHUNK_ELEMS, Categorical, Kernel, MaskedCategorical, PoissonJumps, StayOrJump, _chunk_elems,
+                             _exact_sums, take_rows, chunk_rows, denoise_kernel, draw, masked_kernel, normalise)
 from lsdtool.grids import grid_problem, options_problem
 
 THETA = 0.5  # theta of the theta-trapezoidal rule
@@ -453,17 +453,21 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
             lam = kernel.intensity(graph, model.noise, ls_flat[rows].detach(), x_flat[rows])
             x_flat[rows] = kernel.draw(lam, x_flat[rows], uniforms(rows, levels[None, :]))
         return x_flat.reshape(x.shape)
-    if isinstance(kernel, StayOrJump):  # decide the rows that stay from two float32 sums; draw the others exactly
+    if isinstance(kernel, StayOrJump):  # draw from float32 masses; rows too close to a boundary get the exact rows
         chunk = chunk_rows(v, x.device)
         buf = None
         for start in range(0, idx.numel(), chunk):
             rows = idx[start : start + chunk]
             u = uniforms(rows)
-            go = ~kernel.stays(take_rows(ls_flat, rows), x_flat[rows], u)
-            if bool(go.any()):
-                moving_rows = rows[go]
+            for dtype in (torch.float64,) if _exact_sums(x.device) else (torch.float32, torch.float64):
+                tokens, settled = kernel.decide(take_rows(ls_flat, rows), x_flat[rows], u, dtype)
+                x_flat[rows] = tokens
+                if bool(settled.all()):
+                    break
+                rows, u = rows[~settled], u[~settled]
+            else:  # within float64's band of a boundary: the full rows
                 buf = torch.empty(chunk, v, dtype=torch.float64, device=x.device) if buf is None else buf
-                x_flat[moving_rows] = kernel.draw(take_rows(ls_flat, moving_rows).detach(), x_flat[moving_rows], u[go], buf)
+                x_flat[rows] = kernel.draw(take_rows(ls_flat, rows).detach(), x_flat[rows], u, buf)
         return x_flat.reshape(x.shape)
     if not isinstance(kernel, Categorical):
         raise TypeError(f"advance has no draw for {type(kernel).__name__}")
