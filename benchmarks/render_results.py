@@ -36,6 +36,15 @@ the script named in their command.
 """
 
 
+def _write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temp file renamed), so a kill never leaves half a page."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from lsdtool import fileio
+
+    fileio.write_text(path, text)
+
+
 def emit(result: dict, path: Path | None) -> int:
     """Print a measuring script's result (the schema above) as JSON and write it to ``path`` when given; 0."""
     missing = [k for k in REQUIRED if k not in result]
@@ -43,7 +52,7 @@ def emit(result: dict, path: Path | None) -> int:
         raise ValueError(f"result lacks {', '.join(missing)}")
     text = json.dumps(result, indent=1)
     if path:
-        path.write_text(text + "\n")
+        _write(path, text + "\n")
     print(text)
     return 0
 
@@ -136,7 +145,7 @@ def main(argv=None) -> int:
         return 1 if stale else 0
     PAGE.parent.mkdir(exist_ok=True)
     for page, text in wanted.items():
-        page.write_text(text, encoding="utf-8")
+        _write(page, text)
         print(page)
     return 0
 

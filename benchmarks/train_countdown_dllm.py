@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from lsdtool import fileio  # noqa: E402
+
 MODELING = ROOT / "lsdtool" / "models" / "embedded" / "countdown-dllm" / "modeling_tinydllm.py"
 VALUES, MASK, PAD, USER, ASSISTANT = 32, 32, 33, 34, 35
 SPECIALS = {"[MASK]": MASK, "[PAD]": PAD, "<user>": USER, "<assistant>": ASSISTANT}
@@ -51,7 +54,7 @@ def write_tokenizer(out: Path) -> None:
     path = out / "tokenizer_config.json"  # readable by transformers 4 too: the class by its old name, the template inline
     config = json.loads(path.read_text())
     config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE, model_max_length=1 << 20)
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    fileio.write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_modeling():
@@ -122,7 +125,7 @@ def main(argv=None) -> int:
         shutil.copy(MODELING, out)
     cfg = json.loads((out / "config.json").read_text())
     cfg.update(auto_map=AUTO_MAP, task="countdown", mask_token_id=MASK, pad_token_id=PAD)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    fileio.write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     write_tokenizer(out)
     summary = {"steps": done, "seconds": round(time.time() - start, 1), "final_loss": round(loss.item(), 4),
                "parameters": sum(p.numel() for p in net.parameters())}
