@@ -142,6 +142,12 @@ def measure(model, dev, batch: int, rules: dict, repeats: int, seed: int = 0) ->
     return rows
 
 
+def measure_batches(model, dev, args) -> list[dict]:
+    """:func:`measure` at every batch size of ``--batches`` for the rules of ``--rules`` on the model's graph."""
+    rules = samplers(args.steps, str(model.graph), args.rules.split(","))
+    return [row for batch in (int(b) for b in args.batches.split(",")) for row in measure(model, dev, batch, rules, args.repeats)]
+
+
 def distill_recipe(model, args, samples: int) -> dict:
     """The LSD+ recipe the distillation measurements run: ``samples`` trajectories in one batch."""
     from lsdtool import recipes
@@ -373,8 +379,7 @@ def main(argv=None) -> int:
         model = load(args.model, device=dev)
         args.length = int(model.seq_len)
         proto["seq_len"], net = args.length, network(args, model)
-        for batch in (int(b) for b in args.batches.split(",")):
-            rows += measure(model, dev, batch, samplers(args.steps, model.graph, args.rules.split(",")), args.repeats)
+        rows += measure_batches(model, dev, args)
     elif args.distill:
         with tempfile.TemporaryDirectory(prefix="lsd-engine-overhead-") as tmp:
             result_ = measure_distill(load(str(build_checkpoint(Path(tmp), "absorb", dims)), device=dev), dev, args)
@@ -388,10 +393,7 @@ def main(argv=None) -> int:
                 if args.memory:
                     rows += measure_memory(path, graph, dims, dev, args)
                     continue
-                model = load(str(path), device=dev)
-                for batch in (int(b) for b in args.batches.split(",")):
-                    rows += measure(model, dev, batch, samplers(args.steps, graph, args.rules.split(",")), args.repeats)
-                del model
+                rows += measure_batches(load(str(path), device=dev), dev, args)
     proto["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     out = result(args, argv, proto, rows, net)
     if args.json is not None:

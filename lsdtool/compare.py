@@ -500,7 +500,7 @@ def _notes(model, names, rows, skipped, ctx) -> list[str]:
     return notes
 
 
-def se_text(value: float, se: float) -> str:
+def se_text(value: float, se: float | None) -> str:
     """'value ± se' with digits that fit the standard error; the value alone where the metric has no s.e. (None)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"

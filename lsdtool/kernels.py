@@ -119,9 +119,9 @@ class StayOrJump(Kernel):
       max(e w_y + (1 - e) S / N, 0) off (y != x), S = sum_y w_y with w_x = 1, p_x the same times diag;
 
     clamped and renormalised (total Z). A row stays iff its uniform falls in x's segment of the CDF,
-    [A, A + p_x) / Z with A the mass before x: float32 passes decide that for all but the rows within a
-    relative band of a boundary; the rows that move (or are too close to call) are drawn from the ``exact``
-    full rows, so every token is the full-row draw."""
+    [A, A + p_x) / Z with A the mass before x, and otherwise takes the token whose segment it falls in:
+    :meth:`decide` finds both from the masses (float32, then float64) for all but the rows within a relative
+    band of a boundary, which are drawn from the ``exact`` full rows, so every token is the full-row draw."""
 
     scale: torch.Tensor | None  # euler's c Phi / N (score) or c / N (temperature); None in the Tweedie form
     coeff: torch.Tensor
@@ -198,15 +198,14 @@ class StayOrJump(Kernel):
         u Z. A row stays when its goal lies inside x's segment [A, A + p_x), A = f sum_{z < x} m_z
         (:func:`_mass_before`), and moves to the first y whose cumulative mass exceeds its goal (less p_x past
         the segment), found in the block totals then inside one block of :data:`_SUM_BLOCK` masses. Either is
-        settled when the goal lies farther than the band of the float32 error from every boundary it is
-        compared with. Float32 settles most rows that stay; a row that moves lies in one token's segment, about
-        Z / V wide, which float64's band (1e-9 Z) resolves and float32's (1e-4 Z) does not at V = 50k. Fixed
-        shapes: no device sync."""
+        settled when the goal lies farther than the band of ``dtype``'s error (:func:`_band`) from every
+        boundary it is compared with. Float32 settles most rows that stay; a row that moves lies in one token's
+        segment, about Z / V wide, which float64's band (1e-9 Z) resolves and float32's (1e-4 Z) does not at
+        V = 50k. Fixed shapes: no device sync."""
         width, k = log_score.shape[1], _SUM_BLOCK
         tokens, settled = x.clone(), torch.zeros_like(u, dtype=torch.bool)
         blocks = _row_blocks(torch.arange(x.shape[0], device=x.device), width)
         work = torch.empty(blocks[0].stop, width, dtype=dtype, device=x.device)
-        inner = torch.arange(k, device=x.device)
         for b in blocks:
             w, cum, factor, zed, p_x, rel = self._masses(log_score[b], x[b], work[: b.stop - b.start])
             goal, band = u[b] * zed, rel * zed
@@ -214,10 +213,10 @@ class StayOrJump(Kernel):
             ok = torch.isfinite(zed) & (factor > 0)
             stay = ok & (p_x > 1e-6 * zed) & (goal >= a + band) & (goal < a + p_x - band)
             target = torch.where(goal < a, goal, goal - p_x) / factor  # in units of the masses
-            block = torch.searchsorted(cum, target[:, None], right=True).clamp_max(cum.shape[1] - 1)
-            lo = cum.gather(-1, (block - 1).clamp_min(0)) * (block > 0)  # (n, 1) the mass before the block
-            cols = block * k + inner
-            m = torch.where(cols < width, w.gather(-1, cols.clamp_max(width - 1)), 0.0).cumsum(-1, dtype=torch.float64) + lo
+            block = torch.searchsorted(cum, target[:, None], right=True).clamp_max(cum.shape[1] - 1).squeeze(-1)
+            cols, inside, lo = _block_at(w, cum, block)
+            lo = lo[:, None]  # (n, 1) the mass before the block
+            m = inside.cumsum(-1, dtype=torch.float64) + lo
             j = torch.searchsorted(m, target[:, None], right=True)
             below = torch.where(j > 0, m.gather(-1, (j - 1).clamp_min(0)), lo).squeeze(-1)
             above = m.gather(-1, j.clamp_max(k - 1)).squeeze(-1)
@@ -244,15 +243,20 @@ def _block_totals(w: torch.Tensor) -> torch.Tensor:
     return part.cumsum_(-1)
 
 
+def _block_at(w: torch.Tensor, cum: torch.Tensor, block: torch.Tensor):
+    """One block (R,) of :data:`_SUM_BLOCK` masses per row of w (R, V): its columns (R, k), its masses (R, k)
+    (0 past V) and the mass before it (R,) float64, from the :func:`_block_totals` ``cum``."""
+    k, width = _SUM_BLOCK, w.shape[1]
+    cols = block[:, None] * k + torch.arange(k, device=w.device)
+    inside = torch.where(cols < width, w.gather(-1, cols.clamp_max(width - 1)), 0.0)
+    return cols, inside, cum.gather(-1, (block - 1).clamp_min(0)[:, None]).squeeze(-1) * (block > 0)
+
+
 def _mass_before(w: torch.Tensor, cum: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """sum_{y < x} w_y (R,) float64 for rows w (R, V) and their :func:`_block_totals` ``cum``: the blocks before
     x's from the running totals, the rest of x's block from at most :data:`_SUM_BLOCK` gathered masses."""
-    k = _SUM_BLOCK
-    block = x // k
-    before = cum.gather(-1, (block - 1).clamp_min(0)[:, None]).squeeze(-1) * (block > 0)
-    cols = block[:, None] * k + torch.arange(k, device=x.device)
-    inside = torch.where(cols < x[:, None], w.gather(-1, cols.clamp_max(w.shape[1] - 1)), 0.0)
-    return before + inside.sum(-1, dtype=torch.float64)
+    cols, inside, before = _block_at(w, cum, x // _SUM_BLOCK)
+    return before + torch.where(cols < x[:, None], inside, 0.0).sum(-1, dtype=torch.float64)
 
 
 def masked_kernel(noise, t, s, base: str, coeff, mode: str, final: bool,
@@ -288,6 +292,8 @@ def _band(dtype: torch.dtype, spread: float = 1.0) -> float:
     if dtype == torch.float64:
         return max(_GUARD64, 256 * 2.0**-53 * spread)
     return max(_GUARD, 256 * 2.0**-24 * spread)
+
+
 _BLOCK_ELEMS = 1 << 20  # elements per block of a CPU row pass (at least 16 rows): its exp stays in cache for its sum
 
 
