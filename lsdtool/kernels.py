@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-_CHUNK_ELEMS = 1 << 24  # float64 elements per row chunk: bounds memory for V = 50k vocabularies
+CHUNK_ELEMS = 1 << 24  # float64 elements per row chunk: bounds memory for V = 50k vocabularies
 
 
 def normalise(p: torch.Tensor) -> torch.Tensor:
@@ -179,12 +179,16 @@ class StayOrJump(Kernel):
             return w, cum, self.scale, jump.clamp_min(1.0), (1 - jump).clamp_min(0.0), _band(w.dtype)
         e, off, diag = self.tweedie
         n = w.shape[1]
-        if self.mode == "score":  # Phi s_y (Euler folds Phi into its scale)
-            w.mul_(self.coeff.to(w.dtype))
+        if self.mode == "score" and (self.coeff.device.type != "cpu" or float(self.coeff) != 1.0):  # Phi s_y (Euler
+            w.mul_(self.coeff.to(w.dtype))  # folds Phi into its scale); s * 1 is s: skip the pass
         w.scatter_(-1, x[:, None], 1.0)
         shift = (1 - e) / n * _block_totals(w)[:, -1]  # (R,)
         p_x = ((e + shift) * diag).clamp_min(0.0)
-        w.mul_(e.to(w.dtype)).add_(shift.to(w.dtype)[:, None]).clamp_min_(0.0).scatter_(-1, x[:, None], 0.0)
+        if w.device.type == "cpu":  # e as a Python number: e w + shift in one vectorised pass, not two
+            torch.add(shift.to(w.dtype)[:, None], w, alpha=float(e), out=w)
+        else:
+            w.mul_(e.to(w.dtype)).add_(shift.to(w.dtype)[:, None])
+        w.clamp_min_(0.0).scatter_(-1, x[:, None], 0.0)
         cum = _block_totals(w)
         total = off * cum[:, -1] + p_x  # sum of the clamped rows >= S, so float32's error
         return w, cum, off, total, p_x, _band(w.dtype, float(2 * e - 1))  # is this relative to Z
@@ -204,7 +208,8 @@ class StayOrJump(Kernel):
         V = 50k. Fixed shapes: no device sync."""
         width, k = log_score.shape[1], _SUM_BLOCK
         tokens, settled = x.clone(), torch.zeros_like(u, dtype=torch.bool)
-        blocks = _row_blocks(torch.arange(x.shape[0], device=x.device), width)
+        rows = decide_rows(width, x.device)
+        blocks = [slice(b, min(x.shape[0], b + rows)) for b in range(0, x.shape[0], rows)]
         work = torch.empty(blocks[0].stop, width, dtype=dtype, device=x.device)
         for b in blocks:
             w, cum, factor, zed, p_x, rel = self._masses(log_score[b], x[b], work[: b.stop - b.start])
@@ -297,9 +302,9 @@ def _band(dtype: torch.dtype, spread: float = 1.0) -> float:
 _BLOCK_ELEMS = 1 << 20  # elements per block of a CPU row pass (at least 16 rows): its exp stays in cache for its sum
 
 
-def _chunk_elems(device: torch.device) -> int:
+def chunk_elems(device: torch.device) -> int:
     """Row-chunk size in elements: small on CPU (memory), large on a GPU (few kernel launches per step)."""
-    return _CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS * 8
+    return CHUNK_ELEMS if device.type == "cpu" else CHUNK_ELEMS * 8
 
 
 _STEP_CHUNK_ELEMS = 1 << 20  # elements per row chunk of a step's float64 work on a CPU (x 32 on a GPU)
@@ -312,10 +317,26 @@ def chunk_rows(width: int, device: torch.device) -> int:
     return max(1, (_STEP_CHUNK_ELEMS if device.type == "cpu" else _STEP_CHUNK_ELEMS * 32) // width)
 
 
+_DECIDE_ELEMS = 1 << 22  # elements per row block of StayOrJump.decide on a CPU (timed best of 2^20 to 2^24 at V = 50k)
+
+
+def decide_rows(width: int, device: torch.device) -> int:
+    """Rows per block of :meth:`StayOrJump.decide`: 2^22 elements on a CPU, where its passes are few enough that
+    the per-block dispatch of some forty small ops matters (83 rows at V = 50k, a 32 MiB float64 work buffer), and
+    :func:`chunk_rows`' on a GPU."""
+    return max(16, _DECIDE_ELEMS // width) if device.type == "cpu" else chunk_rows(width, device)
+
+
 def _exact_sums(device: torch.device) -> bool:
     """Whether masked rows decide from float64 totals at once: on a GPU, where the float32 pass's check for rows
     near their threshold (``unsure.any()``) would wait for the device, and float64 costs about the same."""
     return device.type == "cuda"
+
+
+def decision_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
+    """The precisions a stay-or-jump decision is tried in, in order (:meth:`StayOrJump.decide`): float32 then
+    float64 on a CPU; float64 alone on a GPU (see :func:`_exact_sums`)."""
+    return (torch.float64,) if _exact_sums(device) else (torch.float32, torch.float64)
 
 
 def _weights(ls: torch.Tensor, coeff: torch.Tensor, mode: str, out: torch.Tensor) -> torch.Tensor:
@@ -331,7 +352,7 @@ def _weights(ls: torch.Tensor, coeff: torch.Tensor, mode: str, out: torch.Tensor
 def _row_blocks(rows: torch.Tensor, width: int):
     """Slices of ``rows`` small enough for one cache-sized pass (the whole of them on a GPU)."""
     n = rows.numel()
-    size = max(16, _BLOCK_ELEMS // width) if rows.device.type == "cpu" else max(1, _chunk_elems(rows.device) // width)
+    size = max(16, _BLOCK_ELEMS // width) if rows.device.type == "cpu" else max(1, chunk_elems(rows.device) // width)
     return [slice(b, min(n, b + size)) for b in range(0, n, size)]
 
 

@@ -26,8 +26,8 @@ def corrector_stream(c: int) -> int:
     return STREAM_CORRECTOR + 8 * int(c)
 
 
-def _mix(h: torch.Tensor) -> torch.Tensor:
-    """A 32-bit xorshift-multiply finaliser (lowbias32 shape, 31-bit multipliers)."""
+def _mix(h):
+    """A 32-bit xorshift-multiply finaliser (lowbias32 shape, 31-bit multipliers) of an int or an int64 tensor."""
     h = h ^ (h >> 16)
     h = (h * 0x7FEB352D) & _M32
     h = h ^ (h >> 15)
@@ -39,8 +39,8 @@ def _key(seed: int, stream: int, step: int, index: torch.Tensor) -> torch.Tensor
     """One 32-bit key per sample (B,) from (seed, stream, step, sample index)."""
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
     k = 0
-    for word in (seed & _M32, seed >> 32, int(stream) & _M32, int(step) & _M32):
-        k = int(_mix(torch.tensor((k ^ word) + 0x9E3779B9 & _M32)))
+    for word in (seed & _M32, seed >> 32, int(stream) & _M32, int(step) & _M32):  # Python ints: no tensor ops per call
+        k = _mix((k ^ word) + 0x9E3779B9 & _M32)
     return _mix(((index.to(torch.int64) & _M32) ^ k) & _M32)
 
 

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from lsdtool import artifacts, rng, steprules
 from lsdtool.blocks import greedy_rows, guided, layout
 from lsdtool.diffusion import Graph, Noise, graph_of
-from lsdtool.kernels import (_CHUNK_ELEMS, Categorical, Kernel, MaskedCategorical, PoissonJumps, StayOrJump, _chunk_elems,
-                             _exact_sums, take_rows, chunk_rows, denoise_kernel, draw, masked_kernel, normalise)
+from lsdtool.kernels import (CHUNK_ELEMS, Categorical, Kernel, MaskedCategorical, PoissonJumps, StayOrJump, chunk_elems,
+                             chunk_rows, decide_rows, decision_dtypes, denoise_kernel, draw, masked_kernel, normalise, take_rows)
 from lsdtool.grids import grid_problem, options_problem
 
 THETA = 0.5  # theta of the theta-trapezoidal rule
@@ -434,10 +434,11 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
 
     if isinstance(kernel, MaskedCategorical):  # moving rows are masked rows: decide from row totals, build rows only where they move
         real = ls_flat.detach()[:, :-1] if graph.canonical else None
-        chunk = max(1, _chunk_elems(x.device) // v)  # the draw's own row blocks bound its temporaries on a CPU
+        chunk = max(1, chunk_elems(x.device) // v)  # the draw's own row blocks bound its temporaries on a CPU
+        u_all = uniforms(idx)
         for start in range(0, idx.numel(), chunk):
             rows = idx[start : start + chunk]
-            u = uniforms(rows)
+            u = u_all[start : start + chunk]
             if real is not None:
                 x_flat[rows] = kernel.draw(real, rows, u)
             else:  # the real columns of these rows only, gathered in order
@@ -446,7 +447,7 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
         return x_flat.reshape(x.shape)
     if isinstance(kernel, PoissonJumps):  # ordinal levels: one uniform per (position, target level)
         s_levels = graph.vocab_size
-        chunk = max(1, _CHUNK_ELEMS // (4 * s_levels))
+        chunk = max(1, CHUNK_ELEMS // (4 * s_levels))
         levels = torch.arange(s_levels, device=x.device)
         for start in range(0, idx.numel(), chunk):
             rows = idx[start : start + chunk]
@@ -454,12 +455,12 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
             x_flat[rows] = kernel.draw(lam, x_flat[rows], uniforms(rows, levels[None, :]))
         return x_flat.reshape(x.shape)
     if isinstance(kernel, StayOrJump):  # draw from float32 masses; rows too close to a boundary get the exact rows
-        chunk = chunk_rows(v, x.device)
-        buf = None
+        chunk = decide_rows(v, x.device)
+        buf, u_all = None, uniforms(idx)  # one hash pass per step, not one per chunk
         for start in range(0, idx.numel(), chunk):
             rows = idx[start : start + chunk]
-            u = uniforms(rows)
-            for dtype in (torch.float64,) if _exact_sums(x.device) else (torch.float32, torch.float64):
+            u = u_all[start : start + chunk]
+            for dtype in decision_dtypes(x.device):
                 tokens, settled = kernel.decide(take_rows(ls_flat, rows), x_flat[rows], u, dtype)
                 x_flat[rows] = tokens
                 if bool(settled.all()):

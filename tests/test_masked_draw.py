@@ -138,7 +138,7 @@ def test_the_closed_form_log_prob_is_the_full_rows(rows_fn, args):
                                   (0.3, 0.25, "tweedie", 0.7, "temperature", False), (0.95, 0.6, "tweedie", 1.4, "score", True),
                                   (0.99, 0.9, "tweedie", 1.0, "score", False)])
 @pytest.mark.parametrize("width", [V, 203])
-def test_uniform_euler_and_tweedie_keep_the_full_row_draw_for_every_uniform(args, width):
+def test_uniform_euler_and_tweedie_keep_the_full_row_draw_for_every_uniform(args, width, monkeypatch):
     """Uniforms on a grid and a relative 1e-9 either side of every CDF boundary (including both ends of the
     stay segment): the fast decision plus exact movers gives exactly the full-row draw. Width 203 puts x
     in the first, a middle and the last (partial) block of the float32 partial sums, and on block edges."""
@@ -180,6 +180,8 @@ def test_uniform_euler_and_tweedie_keep_the_full_row_draw_for_every_uniform(args
     fast = advance(model, kernel, model.log_score(xs, None), xs, (5, torch.arange(n), 1), None)
     slow = advance(model, kernel.exact, model.log_score(xs, None), xs, (5, torch.arange(n), 1), None)
     assert torch.equal(fast, slow)
+    monkeypatch.setattr(kernels, "_exact_sums", lambda device: True)  # a GPU's order: float64 decisions alone
+    assert torch.equal(advance(model, kernel, model.log_score(xs, None), xs, (5, torch.arange(n), 1), None), slow)
 
 
 @pytest.mark.parametrize("width", [8, 64, 1000, 50258])
