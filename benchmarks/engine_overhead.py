@@ -1,11 +1,13 @@
-"""What the sampler engine adds to the network: lsd sampling wall time / (NFE x one bare forward).
+"""What the sampler engine adds to the network: lsd sampling wall time / wall time of NFE bare forwards.
 
 Builds a random-weight checkpoint of the SEDD-small architecture (V = 50258, hidden 768, 12 blocks,
 12 heads, cond 128, loglinear; absorb with scale_by_sigma, and a uniform-graph variant), loads it
-through ``lsdtool.models.load`` and times, interleaved and repeated, one bare forward
-(``model.log_score`` at the batch size) and a full ``samplers.sample`` run for each rule: plain
+through ``lsdtool.models.load`` and times, interleaved and repeated, NFE back-to-back bare forwards
+(``model.log_score`` at the batch size) and then a full ``samplers.sample`` run for each rule: plain
 euler, plain tweedie, an LSD+-style sampler (non-uniform grid, Phi != 1) and, on absorb, the
-confidence rule. Reports min and median; ratio = min lsd wall / (NFE x min bare forward).
+confidence rule. Both sides of the ratio are sums of NFE forwards, so a machine whose speed wanders
+does not favour either (the minimum of single forwards would be a luckier draw than the minimum of
+NFE-forward runs). Reports min and median; ratio of minima = min lsd wall / min NFE-forward wall, per rule.
 
 ``--memory`` instead measures peak memory: of one bare forward, of sampling with each rule and of an
 LSD+ distillation (teacher rollout and fit, ``--samples`` = B trajectories), each at batch B in a fresh
@@ -104,8 +106,29 @@ def clock(fn, dev: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def clock_in_run(fn, model, dev: torch.device) -> tuple[float, float | None]:
+    """Wall time of fn() and, on a CPU, the part of it spent inside ``model.log_score`` (None on a GPU, where
+    timing each call would add a synchronisation per step to what is measured)."""
+    if dev.type != "cpu":
+        return clock(fn, dev), None
+    spent, call = [0.0], model.log_score
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    model.log_score = timed
+    try:
+        return clock(fn, dev), spent[0]
+    finally:
+        del model.log_score
+
+
 def measure(model, dev, batch: int, rules: dict, repeats: int, seed: int = 0) -> list[dict]:
-    """Interleaved: each repeat times one bare forward then one lsd run per rule."""
+    """Interleaved: each repeat times, per rule, NFE back-to-back bare forwards and then one lsd run."""
     from lsdtool.samplers import sample
 
     index = torch.arange(batch, device=dev)
@@ -123,22 +146,26 @@ def measure(model, dev, batch: int, rules: dict, repeats: int, seed: int = 0) ->
     sample(model, rules["euler"], index, seed)
     fwd = {name: [] for name in rules}
     lsd = {name: [] for name in rules}
+    in_run = {name: [] for name in rules}  # lsd wall / its own model calls' wall (CPU)
     for r in range(repeats):
         for name, sampler in rules.items():
-            fwd[name].append(clock(forward, dev))
-            lsd[name].append(clock(lambda: sample(model, sampler, index, seed + r), dev))
-            print(f"  {model.graph} B={batch} {name}: forward {fwd[name][-1]:.3f}s, lsd {lsd[name][-1]:.3f}s",
-                  file=sys.stderr, flush=True)
+            fwd[name].append(clock(lambda: [forward() for _ in range(sampler.nfe)], dev))
+            wall, calls = clock_in_run(lambda: sample(model, sampler, index, seed + r), model, dev)
+            lsd[name].append(wall)
+            if calls:
+                in_run[name].append(wall / calls)
+            print(f"  {model.graph} B={batch} {name}: {sampler.nfe} forwards {fwd[name][-1]:.3f}s, lsd {wall:.3f}s"
+                  + (f" ({wall / calls:.3f}x its model calls)" if calls else ""), file=sys.stderr, flush=True)
     rows = []
-    all_fwd = [v for times in fwd.values() for v in times]
-    f_min, f_med = min(all_fwd), statistics.median(all_fwd)
+    per_call = [v / sampler.nfe for name, sampler in rules.items() for v in fwd[name]]
     for name, sampler in rules.items():
-        nfe = sampler.nfe
-        rows.append({"graph": str(model.graph), "batch": batch, "rule": name, "nfe": nfe,
-                     "forward_min_s": round(f_min, 4), "forward_median_s": round(f_med, 4),
+        rows.append({"graph": str(model.graph), "batch": batch, "rule": name, "nfe": sampler.nfe,
+                     "forward_min_s": round(min(per_call), 4), "forward_median_s": round(statistics.median(per_call), 4),
+                     "forwards_min_s": round(min(fwd[name]), 4), "forwards_median_s": round(statistics.median(fwd[name]), 4),
                      "lsd_min_s": round(min(lsd[name]), 4), "lsd_median_s": round(statistics.median(lsd[name]), 4),
-                     "ratio_min": round(min(lsd[name]) / (nfe * f_min), 3),
-                     "ratio_median": round(statistics.median(lsd[name]) / (nfe * f_med), 3)})
+                     "ratio_min": round(min(lsd[name]) / min(fwd[name]), 3),
+                     "ratio_median": round(statistics.median(lsd[name]) / statistics.median(fwd[name]), 3),
+                     "in_run_median": round(statistics.median(in_run[name]), 3) if in_run[name] else None})
     return rows
 
 
@@ -316,15 +343,19 @@ def result(args, argv, proto: dict, rows: list[dict], net: str) -> dict:
         notes = ["peak / forward's: the run's peak over the bare forward's at the same B (the model's weights included)",
                  "growth / scores: the step factor of lsdtool.memory (what --batch-size auto plans with)"]
     else:
-        table = {"columns": ["graph", "B", "rule", "NFE", "forward min / median (s)", "lsd min / median (s)",
-                             "ratio of minima", "ratio of medians"],
+        in_run = any(r.get("in_run_median") for r in rows)
+        table = {"columns": ["graph", "B", "rule", "NFE", "NFE forwards min / median (s)", "lsd min / median (s)",
+                             "ratio of minima", "ratio of medians"] + (["lsd / its model calls"] if in_run else []),
                  "rows": [[r["graph"], str(r["batch"]), _label(r["rule"]), str(r["nfe"]),
-                           f"{r['forward_min_s']:.4g} / {r['forward_median_s']:.4g}", f"{r['lsd_min_s']:.4g} / {r['lsd_median_s']:.4g}",
-                           f"{r['ratio_min']:.2f}", f"{r['ratio_median']:.2f}"] for r in rows]}
+                           f"{r['forwards_min_s']:.4g} / {r['forwards_median_s']:.4g}", f"{r['lsd_min_s']:.4g} / {r['lsd_median_s']:.4g}",
+                           f"{r['ratio_min']:.2f}", f"{r['ratio_median']:.2f}"]
+                          + ([f"{r['in_run_median']:.2f}" if r.get("in_run_median") else "-"] if in_run else []) for r in rows]}
         title = f"Engine overhead ({device.upper() if device == 'cuda' else 'CPU'}, {net.split(' (')[0]})"
         summary = (f"{net}, L = {args.length}, {args.steps} steps, {args.repeats} interleaved repeats; "
-                   "ratio = lsd wall / (NFE x one bare forward at the same B).")
-        notes = []
+                   "ratio = lsd wall / wall of NFE back-to-back bare forwards at the same B, timed just before it.")
+        notes = ["lsd / its model calls (CPU): the median over repeats of each run's wall over the time spent inside "
+                 "its own model calls; it needs no second measurement, so a machine whose speed wanders between "
+                 "runs moves it least"] if in_run else []
     name = Path(args.json).stem if args.json else f"engine-{kind}-{device}" + ("-quick" if args.quick else "") \
         + (f"-{args.model}" if args.model else "")
     return {"id": name, "title": title, "command": "python benchmarks/engine_overhead.py " + " ".join(argv),
