@@ -135,6 +135,10 @@ class StayOrJump(Kernel):
     def log_prob(self, graph, noise, log_score, x, y, *extra):
         return self.exact.log_prob(graph, noise, log_score, x, y, *extra)
 
+    def _unit_coeff(self) -> bool:
+        """Whether Phi is known to be 1 without asking a device (s * 1 is s: the multiply's pass can be skipped)."""
+        return self.coeff.device.type == "cpu" and float(self.coeff) == 1.0
+
     def probs_into(self, log_score: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``exact``'s rows (R, V) float64 (Euler's one_hot(x) + dt R_hat(x, Phi s), or Tweedie's staggered score
         times the transition, clamped and renormalised) computed op for op as :func:`lsdtool.samplers.step_rows`
@@ -143,7 +147,7 @@ class StayOrJump(Kernel):
         out.copy_(log_score)
         if self.mode == "temperature":
             out.mul_(self.coeff).exp_()
-        elif self.coeff.device.type != "cpu" or float(self.coeff) != 1.0:  # s * 1 is s: skip the pass
+        elif not self._unit_coeff():
             out.exp_().mul_(self.coeff)
         else:
             out.exp_()
@@ -179,8 +183,8 @@ class StayOrJump(Kernel):
             return w, cum, self.scale, jump.clamp_min(1.0), (1 - jump).clamp_min(0.0), _band(w.dtype)
         e, off, diag = self.tweedie
         n = w.shape[1]
-        if self.mode == "score" and (self.coeff.device.type != "cpu" or float(self.coeff) != 1.0):  # Phi s_y (Euler
-            w.mul_(self.coeff.to(w.dtype))  # folds Phi into its scale); s * 1 is s: skip the pass
+        if self.mode == "score" and not self._unit_coeff():  # Phi s_y (Euler folds Phi into its scale)
+            w.mul_(self.coeff.to(w.dtype))
         w.scatter_(-1, x[:, None], 1.0)
         shift = (1 - e) / n * _block_totals(w)[:, -1]  # (R,)
         p_x = ((e + shift) * diag).clamp_min(0.0)
@@ -208,8 +212,7 @@ class StayOrJump(Kernel):
         V = 50k. Fixed shapes: no device sync."""
         width, k = log_score.shape[1], _SUM_BLOCK
         tokens, settled = x.clone(), torch.zeros_like(u, dtype=torch.bool)
-        rows = decide_rows(width, x.device)
-        blocks = [slice(b, min(x.shape[0], b + rows)) for b in range(0, x.shape[0], rows)]
+        blocks = _slices(x.shape[0], decide_rows(width, x.device))
         work = torch.empty(blocks[0].stop, width, dtype=dtype, device=x.device)
         for b in blocks:
             w, cum, factor, zed, p_x, rel = self._masses(log_score[b], x[b], work[: b.stop - b.start])
@@ -349,11 +352,15 @@ def _weights(ls: torch.Tensor, coeff: torch.Tensor, mode: str, out: torch.Tensor
     return torch.exp(ls, out=out)
 
 
+def _slices(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most ``size`` covering range(n)."""
+    return [slice(b, min(n, b + size)) for b in range(0, n, size)]
+
+
 def _row_blocks(rows: torch.Tensor, width: int):
     """Slices of ``rows`` small enough for one cache-sized pass (the whole of them on a GPU)."""
-    n = rows.numel()
     size = max(16, _BLOCK_ELEMS // width) if rows.device.type == "cpu" else max(1, chunk_elems(rows.device) // width)
-    return [slice(b, min(n, b + size)) for b in range(0, n, size)]
+    return _slices(rows.numel(), size)
 
 
 def _run_start(rows: torch.Tensor) -> int | None:
