@@ -36,9 +36,9 @@ from typing import Iterator
 import torch
 
 from lsdtool import rng
-from lsdtool.kernels import Categorical, CommitByScore, chunk_rows
+from lsdtool.kernels import Categorical, CommitByScore, chunk_rows, draw, take_rows
 from lsdtool.blocks import greedy_rows
-from lsdtool.samplers import Step, advance, commit_counts
+from lsdtool.samplers import Step, advance, commit_counts, row_uniforms
 
 DEFAULT_GAMMA = 0.1  # diffusers' EntropyBoundScheduler default
 _BISECT = 60  # bisection steps of the masked-fraction -> time map (float64 resolution)
@@ -67,8 +67,7 @@ def candidates(a, greedy: bool = False) -> CommitByScore:
 
 def row_scores(graph, log_score: torch.Tensor, where: torch.Tensor, a, kind: str, cand: torch.Tensor | None = None) -> torch.Tensor:
     """A figure of p = softmax(a * log_score) over the real tokens of ``graph`` per position, (B, L) float64 at the ``where``
-    positions (NaN elsewhere), computed in row chunks: ``entropy`` -sum p log p, ``probability``
-    p(cand) for the candidates cand (B, L), ``margin`` top-1 minus top-2 probability."""
+    positions (NaN elsewhere), computed in row chunks (:func:`_figure`; ``probability`` of the candidates cand (B, L))."""
     v = log_score.shape[-1]
     flat = log_score.reshape(-1, v)
     idx = where.reshape(-1).nonzero().squeeze(-1)
@@ -77,17 +76,53 @@ def row_scores(graph, log_score: torch.Tensor, where: torch.Tensor, a, kind: str
     for start in range(0, idx.numel(), chunk):
         rows = idx[start : start + chunk]
         lp = torch.log_softmax(a * graph.real_columns(flat[rows]).detach().to(torch.float64), -1)
-        if kind == "entropy":
-            p = lp.exp()
-            out[rows] = -torch.where(p > 0, p * lp, torch.zeros_like(p)).sum(-1)
-        elif kind == "probability":
-            out[rows] = lp.gather(-1, graph.real_index(cand.reshape(-1)[rows, None])).squeeze(-1).exp()
-        elif kind == "margin":
-            top = lp.topk(2, -1).values.exp()
-            out[rows] = top[:, 0] - top[:, 1]
-        else:
-            raise ValueError(f"unknown score {kind!r}")
+        out[rows] = _figure(lp, kind, graph.real_index(cand.reshape(-1)[rows]) if kind == "probability" else None)
     return out.reshape(where.shape)
+
+
+def _figure(lp: torch.Tensor, kind: str, col: torch.Tensor | None) -> torch.Tensor:
+    """(R,) float64 figure of rows of log p (R, n_real): ``entropy`` -sum p log p, ``probability`` p(col) of
+    columns col (R,), ``margin`` top-1 minus top-2 probability."""
+    if kind == "entropy":
+        p = lp.exp()
+        return -torch.where(p > 0, p * lp, torch.zeros_like(p)).sum(-1)
+    if kind == "probability":
+        return lp.gather(-1, col[:, None]).squeeze(-1).exp()
+    if kind == "margin":
+        top = lp.topk(2, -1).values.exp()
+        return top[:, 0] - top[:, 1]
+    raise ValueError(f"unknown score {kind!r}")
+
+
+def scored_candidates(run, k: int, log_score: torch.Tensor, x: torch.Tensor, open_: torch.Tensor, kind: str,
+                      greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The confidence step's candidates (B, L) (x off ``open_``) and their scores (B, L) float64 (NaN off ``open_``)
+    from one float64 copy of each row chunk: the tokens :func:`advance` draws with :func:`candidates` at the open
+    rows and the figures of :func:`row_scores`, the same to the bit."""
+    graph, v, l = run.graph, log_score.shape[-1], x.shape[1]
+    a, a_draw = sharpness(run, k)
+    shared = float(run.sampler.options.get("temperature", 1.0)) == 1.0  # a_draw = a: one softmax input
+    flat = log_score.reshape(-1, v)
+    idx = open_.reshape(-1).nonzero().squeeze(-1)
+    cand = x.reshape(-1).clone()
+    score = torch.full((x.numel(),), float("nan"), dtype=torch.float64, device=x.device)
+    u_all = None if greedy else row_uniforms(run.seed, rng.STREAM_STEP, run.index, k, l, idx)
+    chunk = chunk_rows(v, x.device)
+    for start in range(0, idx.numel(), chunk):
+        rows = idx[start : start + chunk]
+        real = graph.real_columns(take_rows(flat, rows).detach())
+        z = real.to(torch.float64, copy=True)  # worked on in place: never the scores themselves
+        if greedy:  # greedy_rows' one-hot draw: the first maximum
+            col, lp = real.argmax(-1), torch.log_softmax(z.mul_(a), -1)
+        elif shared:
+            lp = torch.log_softmax(z.mul_(a), -1)
+            col = draw(torch.softmax(z, -1), u_all[start : start + chunk])
+        else:
+            lp = torch.log_softmax(a * z, -1)
+            col = draw(torch.softmax(z.mul_(a_draw), -1), u_all[start : start + chunk])
+        cand[rows] = graph.real_token(col)
+        score[rows] = _figure(lp, kind, col)
+    return cand.reshape(x.shape), score.reshape(x.shape)
 
 
 def _sorted(key: torch.Tensor, tiebreak: torch.Tensor | None, descending: bool):
@@ -148,17 +183,15 @@ def tiebreak(run, x: torch.Tensor) -> torch.Tensor:
 
 def confidence_step(run, k: int, x: torch.Tensor) -> Iterator[Step]:
     """Confidence: draw a candidate at every masked position, commit the n_k most confident ones."""
-    model, sampler = run.model, run.sampler
+    sampler = run.sampler
     if k == 0:
         run.state["order"] = tiebreak(run, x)
     t, s, t64, s64, final = run.times(k)
     log_score = run.call(x, t)
     n_k, open_ = commit_counts(run, k, run.moving_masks(x))  # open: the masked positions of the step's block
-    a, a_draw = sharpness(run, k)
     greedy = bool(sampler.options.get("greedy", False))
-    cand = advance(model, candidates(a_draw, greedy).candidates, log_score, x, (run.seed, run.index, k), ~open_)
-    kind = sampler.options.get("score", "probability")
-    commit = top_n(row_scores(run.graph, log_score, open_, a, kind, cand), open_, n_k, run.state["order"])
+    cand, score = scored_candidates(run, k, log_score, x, open_, sampler.options.get("score", "probability"), greedy)
+    commit = top_n(score, open_, n_k, run.state["order"])
     yield Step(k, t, s, x, log_score, torch.where(commit, cand, x), final)
 
 

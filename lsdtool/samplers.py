@@ -37,7 +37,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from lsdtool import artifacts, rng, steprules
+from lsdtool import allocator, artifacts, rng, steprules
 from lsdtool.blocks import greedy_rows, guided, layout
 from lsdtool.diffusion import Graph, Noise, graph_of
 from lsdtool.kernels import (CHUNK_ELEMS, Categorical, Kernel, MaskedCategorical, PoissonJumps, StayOrJump, chunk_elems,
@@ -405,6 +405,16 @@ class Step:
     rows: torch.Tensor | None = None  # (R,) the batch rows the model was called for (log_score is (R, L, V)); None: all
 
 
+def row_uniforms(seed: int, stream: int, index: torch.Tensor, step: int, length: int, rows: torch.Tensor,
+                 within: torch.Tensor | None = None) -> torch.Tensor:
+    """The uniforms of flat rows (R,) of a (B, length) state: row (i, j)'s (R,), a hash of (seed, stream,
+    index[i], step, j); or one per (i, j, level) (R, S) for ``within`` levels (1, S)."""
+    if within is None:
+        return rng.uniforms_at(seed, stream, index[rows // length], step, rows % length)
+    pos = (rows % length)[:, None] * within.numel() + within
+    return rng.uniforms_at(seed, stream, index[rows // length][:, None], step, pos)
+
+
 def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=()) -> torch.Tensor:
     """Draw new tokens by ``kernel`` at the rows that can move (and are not fixed); other rows keep their token.
 
@@ -427,10 +437,8 @@ def advance(model, kernel: Kernel, log_score, x, draws, fixed=None, row_inputs=(
     v, l = log_score.shape[-1], x.shape[1]
     ls_flat = log_score.reshape(-1, v)
 
-    def uniforms(rows, within=None):  # row (i, j)'s uniform, or one per (i, j, level) for ``within`` levels
-        if within is None:
-            return rng.uniforms_at(seed, stream, index[rows // l], step, rows % l)
-        return rng.uniforms_at(seed, stream, index[rows // l][:, None], step, (rows % l)[:, None] * within.numel() + within)
+    def uniforms(rows, within=None):
+        return row_uniforms(seed, stream, index, step, l, rows, within)
 
     if isinstance(kernel, MaskedCategorical):  # moving rows are masked rows: decide from row totals, build rows only where they move
         real = ls_flat.detach()[:, :-1] if graph.canonical else None
@@ -693,6 +701,8 @@ def iterate(model, sampler: Sampler, index: torch.Tensor, seed: int, x_init=None
     rule's step function from :mod:`lsdtool.steprules`.
     """
     device = index.device
+    if device.type == "cpu":
+        allocator.keep_temporaries()
     rule = steprules.rule(sampler.base)
     problem = rule.problem(model)
     if problem:

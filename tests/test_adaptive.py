@@ -92,6 +92,45 @@ def test_confidence_keeps_the_most_confident_candidates():
         assert (lo >= hi).all()
 
 
+@pytest.mark.parametrize("mask_id", [None, 4])  # the mask last (canonical) and inside the vocabulary
+@pytest.mark.parametrize("options", [{}, {"score": "margin"}, {"temperature": 0.7}, {"greedy": True}],
+                         ids=["probability", "margin", "temperature", "greedy"])
+@pytest.mark.parametrize("mode", ["score", "temperature"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scored_candidates_are_the_engine_draw_and_row_scores_to_the_bit(mask_id, options, mode, dtype):
+    """The confidence step's one pass per row chunk gives the tokens advance draws with the candidate kernel
+    and the figures row_scores computes, bit for bit, in either layout and for any Phi, temperature or score,
+    and leaves the model's scores as they were."""
+    from lsdtool.diffusion import graph_of
+    from lsdtool.samplers import Run, advance
+
+    v, b, l = 11, 3, 40
+    model = ContextModel(vocab=v, length=l)
+    model.graph, model.mask_id = "absorb", (v - 1 if mask_id is None else mask_id)
+    graph = graph_of(model)
+    sampler = Sampler(torch.linspace(1, 0, 5, dtype=torch.float64), torch.linspace(0.8, 1.3, 4, dtype=torch.float64),
+                      "confidence", mode, options=options)
+    index = torch.arange(7, 7 + b)
+    run = Run(model, sampler, index, 9, None, False, sampler.timesteps, sampler.coeffs, graph)
+    g = torch.Generator().manual_seed(3)
+    log_score = torch.randn(b, l, v, generator=g, dtype=dtype) * 4
+    before = log_score.clone()
+    x = torch.where(torch.rand(b, l, generator=g) < 0.7, graph.mask_id, torch.randint(0, v, (b, l), generator=g))
+    x = torch.where(x == graph.mask_id, x, graph.real_token(graph.real_index(x).clamp_max(v - 2)))
+    open_ = (x == graph.mask_id) & (torch.rand(b, l, generator=g) < 0.8)
+    full = torch.full_like(x, graph.mask_id)  # every row open: the chunks are views of the scores
+    for k, (x, open_) in enumerate([(x, open_), (x, open_), (full, full == graph.mask_id), (x, open_)]):
+        a, a_draw = adaptive.sharpness(run, k)
+        kind = options.get("score", "probability")
+        kernel = adaptive.candidates(a_draw, options.get("greedy", False)).candidates
+        cand = advance(model, kernel, log_score, x, (9, index, k), ~open_)
+        want = adaptive.row_scores(graph, log_score, open_, a, kind, cand)
+        got_cand, got = adaptive.scored_candidates(run, k, log_score, x, open_, kind, options.get("greedy", False))
+        assert torch.equal(got_cand, cand) and (got_cand[open_] != graph.mask_id).all()
+        assert torch.equal(got.isnan(), ~open_) and torch.equal(got[open_], want[open_])
+        assert torch.equal(log_score, before)
+
+
 def test_entropy_bound_respects_the_budget_and_stops_calling_finished_samples():
     model = ContextModel(length=28)
     mask, gamma = model.vocab_size - 1, 1.5
