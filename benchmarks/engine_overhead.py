@@ -15,7 +15,8 @@ process that loads the model, releases what loading left behind, resets the peak
 thing. CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats. CPU: the kernel's peak
 resident set (VmHWM, reset through /proc/self/clear_refs after loading and malloc_trim; where that
 reset is refused, ru_maxrss of the fresh process, which then includes the load). Both the peak and the
-growth above the loaded model are reported, as ratios to the bare forward's.
+growth above the loaded model are reported, as ratios to the bare forward's. On a CPU every process, the
+bare forward's included, runs under the malloc thresholds lsd sets for its runs (lsdtool.allocator).
 
 ``--json [FILE]`` prints the result in the results-page schema (benchmarks/render_results.py) and
 writes it to FILE (benchmarks/results/ID.json renders into docs/results.md and docs/performance.md).
@@ -245,6 +246,10 @@ def memory_child(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     dev = torch.device(spec["device"])
+    if dev.type == "cpu":  # the allocator a CPU run of lsd works under, for the bare forward too
+        from lsdtool import allocator
+
+        allocator.keep_temporaries()
     model = load(spec["checkpoint"], device=dev)
     batch, args = spec["batch"], argparse.Namespace(**spec["args"])
     if dev.type == "cuda":

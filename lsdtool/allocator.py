@@ -4,7 +4,8 @@ An engine step works through its rows in chunks whose float64 temporaries are a 
 glibc's default, adaptive thresholds the heap top they leave free is handed back to the system after
 most chunks, so the next chunk page-faults the same memory in again: on SEDD-small (V = 50k) that
 tripled the confidence rule's engine time. :func:`keep_temporaries` fixes the thresholds instead:
-blocks under 32 MiB come from the heap, and up to 64 MiB of free heap top is kept for the next chunk.
+blocks under 16 MiB come from the heap, and up to 64 MiB of free heap top is kept for the next chunk
+(benchmarks/engine_overhead.py --memory: sampling's peak stays within 1.25x the bare forward's).
 A process whose user set its own (``MALLOC_*_`` or ``GLIBC_TUNABLES``) keeps theirs.
 """
 
@@ -15,7 +16,7 @@ import ctypes.util
 import os
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed on a 64-bit system
+MMAP_THRESHOLD = 16 << 20  # twice a chunk's float64 temporary (2^20 elements); larger blocks are mapped as before
 TRIM_THRESHOLD = 64 << 20  # above a chunk's temporaries together (four to six float64 blocks of 8 MiB)
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES")
 _state: dict = {}
