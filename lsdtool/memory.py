@@ -9,7 +9,7 @@ import torch
 # Peak bytes of one sampling step per sample, in units of its float32 scores (L x V x 4 bytes): the scores, the
 # engine's float64 row chunks and the forward's activations together. benchmarks/engine_overhead.py --memory
 # (benchmarks/results/engine-memory-cpu-quick.json: CPU, tiny network, L = 1024) measured the growth of the
-# peak over the loaded model at 1.8-3.4 of the scores for sampling at B = 16 and 64 (a bare forward: 1.6-2.0);
+# peak over the loaded model at 1.3-2.8 of the scores for sampling at B = 16 and 64 (a bare forward: 1.2-2.3);
 # B = 1 adds a fixed few MiB. 3.5 covers every rule and graph measured.
 STEP_FACTOR = 3.5
 SHARE = 0.5  # of the free memory a batch may take: the rest is for the allocator's slack and everything else
