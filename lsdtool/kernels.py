@@ -466,8 +466,17 @@ def poisson_counts(lam: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         cdf = cdf + p
         more = (goal >= cdf) & ((p > cdf * 1e-17) | (k < rate))  # past the mode, terms below float64's resolution end it
         todo, rate, goal, p, cdf = todo[more], rate[more], goal[more], p[more], cdf[more]
-    approx = torch.round(lam + lam.sqrt() * torch.special.ndtri(u.clamp(1e-300, 1 - 1e-16))).clamp_min(0).long()
-    return torch.where(big, approx, n)
+    if lam.device.type != "cpu":  # every entry: finding the large means would wait for the device
+        return torch.where(big, _normal_counts(lam, u), n)
+    at = big.nonzero(as_tuple=True)  # on a CPU the (slow) inverse normal only where it is used
+    if at[0].numel():
+        n[at] = _normal_counts(lam[at], u[at])
+    return n
+
+
+def _normal_counts(lam: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """round(lam + sqrt(lam) Phi^{-1}(u)), at least 0: :func:`poisson_counts` above a mean of 50 (float64 -> long)."""
+    return torch.round(lam + lam.sqrt() * torch.special.ndtri(u.clamp(1e-300, 1 - 1e-16))).clamp_min(0).long()
 
 
 def _displacement_law(lam: torch.Tensor, x: torch.Tensor, span: int, size: int) -> torch.Tensor:

@@ -16,6 +16,8 @@ def test_poisson_counts_follow_the_poisson_law():
     u = rng.uniforms(3, rng.STREAM_JUMPS, torch.arange(n), 0, lam.numel())
     counts = poisson_counts(lam.expand(n, -1), u)
     assert (counts[:, 0] == 0).all()
+    normal = torch.round(80.0 + math.sqrt(80.0) * torch.special.ndtri(u[:, 5].clamp(1e-300, 1 - 1e-16))).clamp_min(0)
+    assert torch.equal(counts[:, 5], normal.long())  # a mean above 50: the normal approximation's count
     mean, var = counts.double().mean(0), counts.double().var(0)
     se = (lam / n).sqrt()
     assert ((mean - lam).abs() <= 5 * se + 1e-9).all()
