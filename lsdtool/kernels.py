@@ -445,6 +445,7 @@ def _draw_masked(real: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, rule: 
 
 
 _POISSON_NORMAL = 50.0  # above this mean a Poisson count is drawn by its normal approximation
+_SCREEN = 1e-15  # below 1 - lam by this, u < fl(e^{-lam}) for sure (exp within 1 ulp, 1 - lam within half of one)
 _FFT_ELEMS = 1 << 22  # complex elements per row block of the compound-Poisson likelihood
 
 
@@ -454,10 +455,14 @@ def poisson_counts(lam: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     lam = lam.to(torch.float64)
     big = lam > _POISSON_NORMAL
     n = torch.zeros_like(lam, dtype=torch.long)
-    p0 = torch.exp(-torch.where(big, 0.0, lam))
-    todo = ((u >= p0) & ~big & (lam > 0)).reshape(-1).nonzero().squeeze(-1)  # the entries with at least one jump
+    # e^{-lam} >= 1 - lam, so u below 1 - lam (less a few ulps for the roundings of both sides) draws no jump:
+    # P(0) = e^{-lam} is computed only at the few entries above that, whose u is then compared with it exactly
+    near = ((u >= (1 - lam) - _SCREEN) & ~big & (lam > 0)).reshape(-1).nonzero().squeeze(-1)
+    rate, goal = lam.reshape(-1)[near], u.reshape(-1)[near]
+    p = torch.exp(-rate)
+    jumps = goal >= p  # the entries with at least one jump
+    todo, rate, goal, p = near[jumps], rate[jumps], goal[jumps], p[jumps]
     flat_n = n.reshape(-1)
-    rate, goal, p = lam.reshape(-1)[todo], u.reshape(-1)[todo], p0.reshape(-1)[todo]
     cdf, k = p.clone(), 0
     while todo.numel():  # only the entries still below their uniform are carried to the next count
         k += 1

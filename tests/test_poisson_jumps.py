@@ -95,3 +95,38 @@ def test_the_likelihood_gradient_is_exact_and_large_rates_use_the_normal_law():
     big = torch.full((1, 64), 2.0, dtype=torch.float64).scatter(-1, torch.tensor([[30]]), 0.0)  # total 126 > 50
     law = compound_poisson_log_prob(big.expand(64, -1), torch.full((64,), 30), torch.arange(64)).exp()
     assert law.sum().item() == pytest.approx(1.0, abs=1e-9) and law[0] > 0.05 and law[63] > 0.05  # clamped ends
+
+
+def reference_counts(lam: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """poisson_counts as first written: P(0) = e^{-lam} at every entry, the normal approximation everywhere."""
+    big = lam > 50
+    n = torch.zeros_like(lam, dtype=torch.long)
+    p0 = torch.exp(-torch.where(big, 0.0, lam))
+    for i, j in ((u >= p0) & ~big & (lam > 0)).nonzero().tolist():
+        rate, goal, p, k = float(lam[i, j]), float(u[i, j]), float(p0[i, j]), 0
+        cdf = p
+        while True:
+            k += 1
+            p = p * rate / k
+            cdf = cdf + p
+            n[i, j] += 1
+            if not (goal >= cdf and (p > cdf * 1e-17 or k < rate)):
+                break
+    normal = torch.round(lam + lam.sqrt() * torch.special.ndtri(u.clamp(1e-300, 1 - 1e-16))).clamp_min(0).long()
+    return torch.where(big, normal, n)
+
+
+def test_poisson_counts_equal_the_full_computation_at_every_entry():
+    """Screening out the entries whose uniform lies below 1 - lam, and the normal law only where a mean is above
+    50, leave every count as the full computation draws it, including uniforms within an ulp of e^{-lam}."""
+    g = torch.Generator().manual_seed(4)
+    lam = torch.cat([torch.rand(200, 32, generator=g, dtype=torch.float64) * 0.003,
+                     10 ** -(6 + 11 * torch.rand(200, 32, generator=g, dtype=torch.float64)),  # 1 - lam and e^{-lam} a few ulps apart
+                     torch.rand(100, 32, generator=g, dtype=torch.float64) ** 6 * 120,
+                     torch.tensor([0.0, 1e-300, 1e-17, 1e-16, 5e-16, 50.0, 50.000001, 3e3]).expand(4, -1).reshape(1, 32)])
+    u = torch.rand(lam.shape, generator=g, dtype=torch.float64)
+    p0 = torch.exp(-lam[:400])
+    u[:400:4] = p0[::4]  # exactly on the boundary, and one float64 step either side
+    u[1:400:4] = torch.nextafter(p0[1::4], torch.zeros(()))
+    u[2:400:4] = torch.nextafter(p0[2::4], torch.ones(())).clamp_max(1 - 2**-53)
+    assert torch.equal(poisson_counts(lam, u), reference_counts(lam, u))
