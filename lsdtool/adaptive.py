@@ -48,7 +48,8 @@ def sharpness(run, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The factors a on the log score, p ∝ exp(a log s), of the scores (Phi_k in temperature mode, else 1)
     and of the candidate draws (that over T)."""
     a = run.coeffs[k] if run.sampler.mode == "temperature" else run.coeffs.new_tensor(1.0)
-    return a, a / float(run.sampler.options.get("temperature", 1.0))
+    temperature = float(run.sampler.options.get("temperature", 1.0))
+    return a, (a if temperature == 1.0 else a / temperature)  # a itself at T = 1 (a / 1 is a): one softmax input
 
 
 def candidate_rows(graph, noise, log_score: torch.Tensor, x: torch.Tensor, a) -> torch.Tensor:
@@ -101,7 +102,7 @@ def scored_candidates(run, k: int, log_score: torch.Tensor, x: torch.Tensor, ope
     rows and the figures of :func:`row_scores`, the same to the bit."""
     graph, v, l = run.graph, log_score.shape[-1], x.shape[1]
     a, a_draw = sharpness(run, k)
-    shared = float(run.sampler.options.get("temperature", 1.0)) == 1.0  # a_draw = a: one softmax input
+    shared = a_draw is a
     flat = log_score.reshape(-1, v)
     idx = open_.reshape(-1).nonzero().squeeze(-1)
     cand = x.reshape(-1).clone()

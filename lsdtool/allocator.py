@@ -13,24 +13,19 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 16 << 20  # twice a chunk's float64 temporary (2^20 elements); larger blocks are mapped as before
 TRIM_THRESHOLD = 64 << 20  # above a chunk's temporaries together (four to six float64 blocks of 8 MiB)
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES")
-_state: dict = {}
 
 
+@functools.cache
 def keep_temporaries() -> bool:
     """Set glibc's fixed thresholds once per process; whether they are in force (False off glibc or when the
     user chose their own)."""
-    if "kept" not in _state:
-        _state["kept"] = _set_thresholds()
-    return _state["kept"]
-
-
-def _set_thresholds() -> bool:
     if any(name in os.environ for name in _USER_SETTINGS):
         return False
     try:
